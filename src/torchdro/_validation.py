@@ -1,0 +1,75 @@
+"""Input checks shared by the core. Each returns a clean numpy value or raises a named error."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def check_beta(beta: Any, name: str = "beta") -> float:
+    """A finite, non-negative float, or TypeError / ValueError naming ``name``."""
+    if isinstance(beta, bool) or not isinstance(beta, Real):
+        if isinstance(beta, torch.Tensor) and beta.numel() == 1 and not beta.is_complex():
+            beta = beta.item()
+        else:
+            raise TypeError(f"{name} must be a real number, got {type(beta).__name__}")
+    value = float(beta)
+    if math.isnan(value) or value < 0 or math.isinf(value):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """An int >= 1, or TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def to_numpy(values: Any) -> np.ndarray:
+    """A host numpy view or copy of a tensor, array or sequence (no gradient)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def check_indices(indices: Any, num_samples: int) -> np.ndarray:
+    """A 1-D int64 array of valid indices into a table of ``num_samples`` entries."""
+    array = to_numpy(indices)
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        if array.size == 0 and array.dtype == np.float64:  # np.asarray([]) is float64
+            array = array.astype(np.int64)
+        else:
+            raise TypeError(f"indices must be integers, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"indices must be 1-D, got shape {tuple(array.shape)}")
+    array = array.astype(np.int64, copy=False)
+    if array.size:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= num_samples:
+            bad = low if low < 0 else high
+            raise IndexError(f"index {bad} is out of range for {num_samples} examples")
+    return array
+
+
+def check_finite_vector(values: Any, length: int | None, name: str) -> np.ndarray:
+    """A 1-D finite float64 array (of ``length`` entries when given)."""
+    array = to_numpy(values)
+    if array.dtype == np.bool_ or not (
+        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    ):
+        raise TypeError(f"{name} must be real numbers, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
+    if length is not None and array.shape[0] != length:
+        raise ValueError(f"{name} has {array.shape[0]} entries, expected {length}")
+    array = array.astype(np.float64, copy=False)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} must be finite, found NaN or inf")
+    return array
