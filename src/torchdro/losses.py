@@ -34,8 +34,13 @@ def dro_loss(losses: torch.Tensor, beta: float) -> torch.Tensor:
         raise ValueError("losses is empty")
     beta = check_beta(beta)
     flat = losses.reshape(-1).to(torch.float64)
+    center = flat.mean()
     if beta == 0.0:
-        result = flat.mean()
-    else:
-        result = (torch.logsumexp(beta * flat, dim=0) - math.log(flat.numel())) / beta
-    return result.to(losses.dtype)
+        return center.to(losses.dtype)
+    spread = beta * (flat - center)
+    # logsumexp(x) - log n cancels catastrophically when beta * spread is small; there
+    # log1p(mean(expm1(x))) is exact. The clamp keeps the unused branch finite (no sync).
+    small = spread.abs().max() < 1.0
+    near = torch.log1p(torch.expm1(spread.clamp(max=1.0)).mean())
+    far = torch.logsumexp(spread, dim=0) - math.log(flat.numel())
+    return (center + torch.where(small, near, far) / beta).to(losses.dtype)

@@ -22,9 +22,10 @@ from torchdro._validation import (
     check_positive_int,
     to_numpy,
 )
+from torchdro.losses import dro_loss
 from torchdro.tree import REMOVED, LogSumTree
 
-__all__ = ["DrawnIndex", "HardnessWeightedSampler", "STATE_VERSION"]
+__all__ = ["STATE_VERSION", "DrawnIndex", "HardnessWeightedSampler"]
 
 #: Version of the ``state_dict`` layout; bumped whenever a key changes meaning.
 STATE_VERSION = 1
@@ -117,7 +118,9 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         self.momentum = _check_momentum(momentum)
         self.importance_weights = bool(importance_weights)
         self.clip_weights = _check_clip(clip_weights)
-        self.num_batches = None if num_batches is None else check_positive_int(num_batches, "num_batches")
+        self.num_batches = (
+            None if num_batches is None else check_positive_int(num_batches, "num_batches")
+        )
         self.beta_schedule = beta_schedule
         if seed is None:
             seed = int(np.random.SeedSequence().entropy)  # type: ignore[arg-type]
@@ -162,7 +165,9 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             self._position += 1
             if self._position == len(self):
                 self._in_epoch = False
-            yield [DrawnIndex(i, p) for i, p in zip(indices.tolist(), log_probs.tolist())]
+            yield [
+                DrawnIndex(i, p) for i, p in zip(indices.tolist(), log_probs.tolist(), strict=True)
+            ]
         self._in_epoch = False
 
     # ------------------------------------------------------------------ drawing
@@ -354,19 +359,15 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         entropy = float(-(p * log_p).sum())
         peak2 = (2 * log_p).max()
         log_sum_sq = peak2 + np.log(np.exp(2 * log_p - peak2).sum())
-        mean_loss = float(self._losses.mean())
-        if self._beta > 0:
-            dro = (self._tree.log_total() - math.log(self.num_samples)) / self._beta
-        else:
-            dro = mean_loss
+        table = torch.from_numpy(self._losses)
         return {
             "entropy": entropy,
             "effective_sample_size": float(np.exp(-log_sum_sq)),
             "max_probability": float(p.max()),
             "kl_to_uniform": max(0.0, math.log(self.num_samples) - entropy),
             "coverage": float((self._last_update >= 0).mean()),
-            "dro_loss": float(dro),
-            "mean_loss": mean_loss,
+            "dro_loss": float(dro_loss(table, self._beta)),
+            "mean_loss": float(table.mean()),
             "beta": self._beta,
             "num_updates": float(self._num_updates),
         }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LogSumTree", "REMOVED"]
+__all__ = ["REMOVED", "LogSumTree"]
 
 #: A finite stand-in for log(0). Unlike -inf it keeps a row whose every leaf is removed
 #: finite (no inf - inf = NaN); exp(REMOVED - x) is exactly 0 for any logit we accept.
