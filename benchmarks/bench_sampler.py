@@ -85,6 +85,7 @@ class ConfigResult:
     n: int
     batch: int
     torchdro_us: float
+    distinct_us: float | None  # torchdro with replacement=False, like the baseline
     torchdro_repeats: int
     naive_us: float | None
     naive_repeats: int
@@ -196,6 +197,16 @@ def run_config(n: int, batch: int, init: np.ndarray, repeats: int) -> ConfigResu
     torchdro_us = time_torchdro(sampler, torch_losses, repeats)
     del sampler
     gc.collect()
+    # Like for like with the baseline, which draws without replacement.
+    distinct_us: float | None = None
+    if batch <= n:
+        sampler = HardnessWeightedSampler(
+            n, batch, beta=BETA, init_loss=init, num_batches=NUM_BATCHES, seed=SEED,
+            replacement=False,
+        )  # fmt: skip
+        distinct_us = time_torchdro(sampler, torch_losses, repeats)
+        del sampler
+        gc.collect()
 
     # Drawing B distinct indices is impossible when B > N; the baseline is then left out.
     naive_us: float | None = None
@@ -206,6 +217,7 @@ def run_config(n: int, batch: int, init: np.ndarray, repeats: int) -> ConfigResu
         n=n,
         batch=batch,
         torchdro_us=torchdro_us,
+        distinct_us=distinct_us,
         torchdro_repeats=repeats,
         naive_us=naive_us,
         naive_repeats=naive_repeats,
@@ -284,15 +296,22 @@ def summarize(results: Sequence[ConfigResult]) -> dict[str, Any]:
 
 def format_table(results: Sequence[ConfigResult]) -> str:
     header = (
-        f"{'N':>6} {'B':>5} {'torchdro µs':>12} {'naive µs':>12} {'speedup':>9} {'bytes/ex':>9}"
+        f"{'N':>6} {'B':>5} {'torchdro µs':>12} {'no-repl µs':>11} {'naive µs':>12} "
+        f"{'speedup':>9} {'no-repl':>9} {'bytes/ex':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         naive = "-" if r.naive_us is None else f"{r.naive_us:.1f}"
         speedup = "-" if r.speedup is None else f"{r.speedup:.1f}x"
+        distinct = "-" if r.distinct_us is None else f"{r.distinct_us:.1f}"
+        distinct_speedup = (
+            "-"
+            if r.naive_us is None or r.distinct_us is None
+            else f"{r.naive_us / r.distinct_us:.1f}x"
+        )
         lines.append(
-            f"{_fmt_n(r.n):>6} {r.batch:>5} {r.torchdro_us:>12.1f} {naive:>12} {speedup:>9} "
-            f"{r.bytes_per_example:>9.2f}"
+            f"{_fmt_n(r.n):>6} {r.batch:>5} {r.torchdro_us:>12.1f} {distinct:>11} {naive:>12} "
+            f"{speedup:>9} {distinct_speedup:>9} {r.bytes_per_example:>9.2f}"
         )
     return "\n".join(lines)
 

@@ -187,27 +187,29 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         return indices, self._tree.leaf_logits(indices) - self._tree.log_total()
 
     def _draw_distinct(self, count: int) -> np.ndarray:
-        # Keeping the first appearance of each index in an i.i.d. stream is exactly
-        # successive sampling; found indices leave the tree between rounds so that a peaked
-        # p cannot stall the loop. The tree is restored bit-for-bit afterwards.
-        if count > self.num_samples:
-            raise ValueError(f"cannot draw {count} distinct indices from {self.num_samples}")
-        found: list[np.ndarray] = []
-        total = 0
+        # The first appearances of an i.i.d. stream are exactly successive sampling. When
+        # the first round repeats an index, the indices found so far leave the tree, so that
+        # a peaked p cannot stall the loop; the tree is restored bit-for-bit afterwards.
+        stream = self._tree.sample(self._rng.random((self._tree.depth + 1, count)))
+        _, first = np.unique(stream, return_index=True)
+        if first.size == count:
+            return stream
+        found = [stream[np.sort(first)]]
+        total = found[0].size
+        removed = found[0]
         try:
+            self._tree.set(removed, np.full(removed.size, REMOVED))
             while total < count:
-                need = count - total
-                stream = self._tree.sample(self._rng.random((self._tree.depth + 1, need)))
+                stream = self._tree.sample(self._rng.random((self._tree.depth + 1, count - total)))
                 _, first = np.unique(stream, return_index=True)
                 fresh = stream[np.sort(first)]
                 found.append(fresh)
                 total += fresh.size
+                removed = np.concatenate(found)
                 self._tree.set(fresh, np.full(fresh.size, REMOVED))
         finally:
-            if found:
-                taken = np.concatenate(found)
-                self._tree.set(taken, self._beta * self._losses[taken])
-        return np.concatenate(found)[:count]
+            self._tree.set(removed, self._beta * self._losses[removed])
+        return np.concatenate(found)
 
     # ------------------------------------------------------------------ updates
 
