@@ -66,7 +66,7 @@ def test_draws_follow_softmax(fanout: int, top_size: int) -> None:
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=1.5, size=37)
     tree = LogSumTree(logits, fanout=fanout, top_size=top_size)
-    draws = tree.sample(rng.random((tree.depth + 1, 40_000)))
+    draws = tree.sample(rng.random((tree.depth + 1, 40_000)))[0]
     counts = np.bincount(draws, minlength=37)
     assert chi_square_pvalue(counts, softmax(logits)) > ALPHA
 
@@ -75,7 +75,7 @@ def test_draw_test_has_power() -> None:
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=1.5, size=37)
     tree = LogSumTree(logits, fanout=3, top_size=2)
-    counts = np.bincount(tree.sample(rng.random((tree.depth + 1, 40_000))), minlength=37)
+    counts = np.bincount(tree.sample(rng.random((tree.depth + 1, 40_000)))[0], minlength=37)
     assert chi_square_pvalue(counts, softmax(logits * 1.1)) < ALPHA
 
 
@@ -85,12 +85,12 @@ def test_zero_mass_leaves_are_never_drawn() -> None:
     tree = LogSumTree(logits, fanout=4, top_size=2)
     removed = np.arange(0, 64, 3)
     tree.set(removed, np.full(removed.size, REMOVED))
-    draws = tree.sample(rng.random((tree.depth + 1, 20_000)))
+    draws = tree.sample(rng.random((tree.depth + 1, 20_000)))[0]
     assert not np.isin(draws, removed).any()
     # Even uniforms at the edge of [0, 1) stay inside the rows that hold mass.
     edge = np.full((tree.depth + 1, 4), np.nextafter(1.0, 0.0))
-    assert not np.isin(tree.sample(edge), removed).any()
-    assert not np.isin(tree.sample(np.zeros((tree.depth + 1, 4))), removed).any()
+    assert not np.isin(tree.sample(edge)[0], removed).any()
+    assert not np.isin(tree.sample(np.zeros((tree.depth + 1, 4)))[0], removed).any()
 
 
 @pytest.mark.parametrize("scale", [1e-300, 1.0, 1e6, 1e12])
@@ -99,7 +99,8 @@ def test_extreme_logits_stay_finite(scale: float) -> None:
     logits = rng.normal(size=200) * scale
     tree = LogSumTree(logits, fanout=4, top_size=4)
     assert np.isfinite(tree.log_total())
-    draws = tree.sample(rng.random((tree.depth + 1, 1000)))
+    draws, log_total = tree.sample(rng.random((tree.depth + 1, 1000)))
+    assert log_total == tree.log_total()
     assert ((draws >= 0) & (draws < 200)).all()
     if scale >= 1e6:  # the softmax is a point mass on the largest logit
         assert (draws == logits.argmax()).all()

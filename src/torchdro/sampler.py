@@ -181,26 +181,29 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         """
         count = check_positive_int(count, "count")
         if self.replacement:
-            indices = self._tree.sample(self._rng.random((self._tree.depth + 1, count)))
+            indices, log_total = self._tree.sample(self._uniforms(count))
         else:
-            indices = self._draw_distinct(count)
-        return indices, self._tree.leaf_logits(indices) - self._tree.log_total()
+            indices, log_total = self._draw_distinct(count)
+        return indices, self._tree.leaf_logits(indices) - log_total
 
-    def _draw_distinct(self, count: int) -> np.ndarray:
+    def _uniforms(self, count: int) -> np.ndarray:
+        return self._rng.random((self._tree.depth + 1, count))
+
+    def _draw_distinct(self, count: int) -> tuple[np.ndarray, float]:
         # The first appearances of an i.i.d. stream are exactly successive sampling. When
         # the first round repeats an index, the indices found so far leave the tree, so that
         # a peaked p cannot stall the loop; the tree is restored bit-for-bit afterwards.
-        stream = self._tree.sample(self._rng.random((self._tree.depth + 1, count)))
+        stream, log_total = self._tree.sample(self._uniforms(count))
         _, first = np.unique(stream, return_index=True)
         if first.size == count:
-            return stream
+            return stream, log_total
         found = [stream[np.sort(first)]]
         total = found[0].size
         removed = found[0]
         try:
             self._tree.set(removed, np.full(removed.size, REMOVED))
             while total < count:
-                stream = self._tree.sample(self._rng.random((self._tree.depth + 1, count - total)))
+                stream, _ = self._tree.sample(self._uniforms(count - total))
                 _, first = np.unique(stream, return_index=True)
                 fresh = stream[np.sort(first)]
                 found.append(fresh)
@@ -209,7 +212,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
                 self._tree.set(fresh, np.full(fresh.size, REMOVED))
         finally:
             self._tree.set(removed, self._beta * self._losses[removed])
-        return np.concatenate(found)
+        return np.concatenate(found), log_total
 
     # ------------------------------------------------------------------ updates
 

@@ -109,15 +109,17 @@ class LogSumTree:
         """The leaves at ``indices``, shape (B,)."""
         return self.levels[-1][indices]
 
-    def sample(self, uniforms: np.ndarray) -> np.ndarray:
+    def sample(self, uniforms: np.ndarray) -> tuple[np.ndarray, float]:
         """Draw one leaf per column of ``uniforms`` (shape (depth + 1, B), values in [0, 1)).
 
-        Returns int64 indices, shape (B,), i.i.d. from softmax(logits) when the uniforms are
-        i.i.d. Each level uses its own uniform, so no precision is lost on the way down.
+        Returns int64 indices of shape (B,), i.i.d. from softmax(logits) when the uniforms are
+        i.i.d., and ``log_total()`` as a by-product. Each level uses its own uniform, so no
+        precision is lost on the way down.
         """
         uniforms = uniforms * _BELOW_ONE
         top = self.levels[0]
-        cdf = np.exp(top - top.max()).cumsum()
+        peak = top.max()
+        cdf = np.exp(top - peak).cumsum()
         nodes = np.searchsorted(cdf, uniforms[0] * cdf[-1], side="right")
         for depth in range(1, self.depth + 1):
             parent = self.levels[depth - 1][nodes]
@@ -126,4 +128,4 @@ class LogSumTree:
             cum = np.exp(self.rows[depth - 1][nodes] - parent[:, None]).cumsum(axis=1)
             chosen = (cum > (uniforms[depth] * cum[:, -1])[:, None]).argmax(axis=1)
             nodes = nodes * self.fanout + chosen
-        return nodes
+        return nodes, float(peak + np.log(cdf[-1]))
