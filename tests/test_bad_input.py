@@ -31,6 +31,12 @@ from torchdro import HardnessWeightedSampler
         ({"clip_weights": 5.0}, TypeError, "clip_weights"),
         ({"replacement": False, "batch_size": 5}, ValueError, "batch_size"),
         ({"num_batches": 0}, ValueError, "num_batches"),
+        ({"beta": None}, TypeError, "kl_radius"),
+        ({"kl_radius": 0.1}, TypeError, "exactly one"),
+        ({"beta": None, "kl_radius": -0.1}, ValueError, "kl_radius"),
+        ({"warmup_epochs": -1}, ValueError, "warmup_epochs"),
+        ({"min_ess_fraction": 1.5}, ValueError, "min_ess_fraction"),
+        ({"beta_update_interval": 0}, ValueError, "beta_update_interval"),
     ],
 )
 def test_constructor_rejects(kwargs: dict, error: type[Exception], match: str) -> None:
@@ -73,10 +79,11 @@ def _valid_state() -> dict:
 def _corrupt(**changes) -> dict:
     state = _valid_state()
     for key, value in changes.items():
+        target = state["settings"] if key in state["settings"] else state
         if value is KeyError:
-            del state[key]
+            del target[key]
         else:
-            state[key] = value
+            target[key] = value
     return state
 
 
@@ -107,6 +114,16 @@ BAD_CALLS: list[tuple[str, Callable[[HardnessWeightedSampler], object], type, st
     ("bad stamps", lambda s: s.load_state_dict(
         _corrupt(last_update=torch.full((10,), 5))), ValueError, "last_update"),
     ("not a mapping", lambda s: s.load_state_dict([1, 2]), TypeError, "mapping"),
+    ("bad setting", lambda s: s.load_state_dict(_corrupt(momentum=2.0)), ValueError, "momentum"),
+    ("missing setting", lambda s: s.load_state_dict(_corrupt(momentum=KeyError)), ValueError, "momentum"),
+    ("pending index", lambda s: s.load_state_dict(
+        _corrupt(batches_drawn=5, pending=[[0, torch.tensor([99]), torch.tensor([0.0])]])),
+     ValueError, "99"),
+    ("pending id", lambda s: s.load_state_dict(
+        _corrupt(pending=[[7, torch.tensor([1]), torch.tensor([0.0])]])), ValueError, "7"),
+    ("pending shape", lambda s: s.load_state_dict(
+        _corrupt(batches_drawn=5, pending=[[0, torch.tensor([1, 2]), torch.tensor([0.0])]])),
+     ValueError, "match"),
 ]  # fmt: skip
 
 

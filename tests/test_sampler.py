@@ -289,7 +289,8 @@ def test_mid_epoch_resume_continues_the_exact_stream(options: dict) -> None:
 
 def test_resume_at_an_epoch_boundary_starts_the_next_epoch() -> None:
     sampler = make(8, 4, seed=1)
-    list(sampler)
+    for batch in sampler:
+        sampler.update(batch, torch.ones(4))
     state = sampler.state_dict()
     clone = make(8, 4, seed=2)
     clone.load_state_dict(state)

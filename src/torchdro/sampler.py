@@ -8,8 +8,10 @@ KL-DRO loss (1/beta) * log mean exp(beta * loss). Derivations are in ``docs/theo
 from __future__ import annotations
 
 import math
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,10 +24,16 @@ from torchdro._validation import (
     check_positive_int,
     to_numpy,
 )
-from torchdro.losses import dro_loss
+from torchdro.losses import beta_for_kl_radius, dro_loss
 from torchdro.tree import REMOVED, LogSumTree
 
-__all__ = ["STATE_VERSION", "DrawnIndex", "HardnessWeightedSampler"]
+__all__ = [
+    "STATE_VERSION",
+    "DrawInfo",
+    "DrawnIndex",
+    "HardnessWeightedSampler",
+    "SamplerCollapseWarning",
+]
 
 #: Version of the ``state_dict`` layout; bumped whenever a key changes meaning.
 STATE_VERSION = 1
@@ -33,6 +41,26 @@ STATE_VERSION = 1
 _INIT_NOISE = 1e-6  # relative size of the tie-breaking noise added to a constant init_loss
 _FANOUT = 32
 _TOP_SIZE = 1024
+# Drawn-but-not-updated batches kept for an exact resume; beyond this, the oldest are dropped
+# (a loop that skips updates must not grow the sampler without bound).
+_MAX_PENDING = 1024
+
+
+class SamplerCollapseWarning(UserWarning):
+    """The sampling distribution's effective sample size fell below the set fraction of N."""
+
+
+class DrawInfo(NamedTuple):
+    """What a batch needs to carry back to ``update``; ``IndexedDataset`` produces it.
+
+    After DataLoader collation each field is a tensor of shape (B,): ``index`` (int64),
+    ``log_prob`` (float64, natural log of p at draw time; NaN for a uniform warm-up draw)
+    and ``batch`` (int64, the sampler's sequence number of the batch; -1 if unknown).
+    """
+
+    index: Any
+    log_prob: Any
+    batch: Any
 
 
 class DrawnIndex(int):
@@ -40,18 +68,21 @@ class DrawnIndex(int):
 
     It is an ``int`` everywhere an index is expected. ``log_prob`` (natural log, float) is
     log p_i at draw time, which importance weights need when the table has changed between
-    the draw and the update (DataLoader prefetch).
+    the draw and the update (DataLoader prefetch); NaN marks a uniform warm-up draw.
+    ``batch`` is the sampler's sequence number of the batch it belongs to.
     """
 
     log_prob: float
+    batch: int
 
-    def __new__(cls, index: int, log_prob: float) -> DrawnIndex:
+    def __new__(cls, index: int, log_prob: float, batch: int = -1) -> DrawnIndex:
         self = super().__new__(cls, index)
         self.log_prob = log_prob
+        self.batch = batch
         return self
 
-    def __reduce__(self) -> tuple[type[DrawnIndex], tuple[int, float]]:
-        return (DrawnIndex, (int(self), self.log_prob))
+    def __reduce__(self) -> tuple[type[DrawnIndex], tuple[int, float, int]]:
+        return (DrawnIndex, (int(self), self.log_prob, self.batch))
 
 
 def _log_softmax_weights(log_ratio: np.ndarray) -> np.ndarray:
@@ -73,6 +104,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         batch_size: indices per batch.
         beta: inverse temperature, in inverse loss units; 0 is uniform sampling (ERM).
             What matters is beta * (spread of the losses): see ``docs/choosing-beta.md``.
+            Pass ``None`` together with ``kl_radius`` to have it calibrated instead.
         init_loss: the table's starting value, in loss units. A float (plus relative noise of
             1e-6 to break ties) or a vector of N values. Above the typical loss, so that
             unseen examples are drawn first.
@@ -89,6 +121,17 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         seed: seeds the draws and the init noise; None picks fresh entropy (kept in the
             state dict, so a run stays resumable).
         beta_schedule: optional ``epoch -> beta``, applied when each epoch starts.
+        warmup_epochs: the first ``warmup_epochs`` epochs visit every example exactly once in
+            a uniform random order (ceil(N / batch_size) batches, the last one shorter if
+            needed), with importance weights of 1: plain ERM that fills the table with real
+            losses before hardness weighting starts.
+        kl_radius: the constrained form of KL-DRO. beta is recalibrated so that
+            KL(p || uniform) = kl_radius (nats) over the current table: when each epoch after
+            the warm-up starts, and every ``beta_update_interval`` updates if that is set.
+            Until the first calibration beta is 0. Scale-free, unlike beta.
+        beta_update_interval: updates between recalibrations in ``kl_radius`` mode.
+        min_ess_fraction: when an epoch starts, a ``SamplerCollapseWarning`` is issued if the
+            effective sample size 1 / sum p^2 is below this fraction of N.
     """
 
     def __init__(
@@ -96,7 +139,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         num_samples: int,
         batch_size: int,
         *,
-        beta: float,
+        beta: float | None,
         init_loss: float | Sequence[float] | np.ndarray | torch.Tensor = 10.0,
         replacement: bool = True,
         momentum: float = 0.0,
@@ -105,22 +148,30 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         num_batches: int | None = None,
         seed: int | None = None,
         beta_schedule: Callable[[int], float] | None = None,
+        warmup_epochs: int = 0,
+        kl_radius: float | None = None,
+        beta_update_interval: int | None = None,
+        min_ess_fraction: float = 0.01,
     ) -> None:
-        self.num_samples = check_positive_int(num_samples, "num_samples")
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        self._beta = check_beta(beta)
-        self.replacement = bool(replacement)
-        if not self.replacement and self.batch_size > self.num_samples:
-            raise ValueError(
-                f"batch_size {self.batch_size} exceeds num_samples {self.num_samples}, "
-                "which sampling without replacement cannot serve"
-            )
-        self.momentum = _check_momentum(momentum)
-        self.importance_weights = bool(importance_weights)
-        self.clip_weights = _check_clip(clip_weights)
-        self.num_batches = (
-            None if num_batches is None else check_positive_int(num_batches, "num_batches")
+        if (beta is None) == (kl_radius is None):
+            raise TypeError("give exactly one of beta and kl_radius")
+        if kl_radius is not None and beta_schedule is not None:
+            raise TypeError("kl_radius sets beta itself; it cannot be combined with beta_schedule")
+        settings = _check_settings(
+            num_samples=num_samples,
+            batch_size=batch_size,
+            beta=0.0 if beta is None else beta,
+            kl_radius=kl_radius,
+            replacement=replacement,
+            momentum=momentum,
+            importance_weights=importance_weights,
+            clip_weights=clip_weights,
+            num_batches=num_batches,
+            warmup_epochs=warmup_epochs,
+            beta_update_interval=beta_update_interval,
+            min_ess_fraction=min_ess_fraction,
         )
+        self._apply_settings(settings)
         self.beta_schedule = beta_schedule
         if seed is None:
             seed = int(np.random.SeedSequence().entropy)  # type: ignore[arg-type]
@@ -145,30 +196,87 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         self._epoch = -1
         self._position = 0
         self._in_epoch = False
+        self._batches_drawn = 0
+        # batch id -> (indices, log_probs) of batches yielded but not yet updated.
+        self._pending: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # Batches restored from a checkpoint, to be yielded again before anything new.
+        self._replay: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._permutation: tuple[int, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ batch sampler protocol
 
     def __len__(self) -> int:
+        """Batches in the current epoch, or in the next one between epochs."""
+        epoch = self._epoch if self._in_epoch else self._epoch + 1
+        if epoch < self.warmup_epochs:
+            return -(-self.num_samples // self.batch_size)
         if self.num_batches is not None:
             return self.num_batches
         return -(-self.num_samples // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        if not self._in_epoch:
-            self._epoch += 1
-            self._position = 0
-            self._in_epoch = True
-            if self.beta_schedule is not None:
-                self.beta = self.beta_schedule(self._epoch)
-        while self._position < len(self):
-            indices, log_probs = self.draw(self.batch_size)
+        # A checkpoint's in-flight batches finish the interrupted epoch before anything new.
+        if not self._in_epoch and not self._replay:
+            self._start_epoch()
+        while self._replay:
+            batch_id, (indices, log_probs) = self._replay.popitem(last=False)
+            self._remember(batch_id, indices, log_probs)
+            yield _as_batch(indices, log_probs, batch_id)
+        while self._in_epoch and self._position < len(self):
+            indices, log_probs = self._next_batch()
+            batch_id = self._batches_drawn
+            self._batches_drawn += 1
             self._position += 1
             if self._position == len(self):
                 self._in_epoch = False
-            yield [
-                DrawnIndex(i, p) for i, p in zip(indices.tolist(), log_probs.tolist(), strict=True)
-            ]
+            self._remember(batch_id, indices, log_probs)
+            yield _as_batch(indices, log_probs, batch_id)
         self._in_epoch = False
+
+    def _start_epoch(self) -> None:
+        self._epoch += 1
+        self._position = 0
+        self._in_epoch = True
+        self._pending.clear()  # a finished epoch's batches were all consumed
+        if self.beta_schedule is not None:
+            self.beta = self.beta_schedule(self._epoch)
+        if self.kl_radius is not None and self._epoch >= self.warmup_epochs:
+            self.calibrate_beta()
+        self._check_collapse()
+
+    def _next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch < self.warmup_epochs:
+            order = self._warmup_order()
+            start = self._position * self.batch_size
+            indices = order[start : start + self.batch_size]
+            return indices, np.full(indices.size, np.nan)
+        return self.draw(self.batch_size)
+
+    def _warmup_order(self) -> np.ndarray:
+        # Derived from (seed, epoch) alone, so a mid-epoch resume rebuilds the same order.
+        if self._permutation is None or self._permutation[0] != self._epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, self._epoch]))
+            self._permutation = (self._epoch, rng.permutation(self.num_samples))
+        return self._permutation[1]
+
+    def _remember(self, batch_id: int, indices: np.ndarray, log_probs: np.ndarray) -> None:
+        self._pending[batch_id] = (indices, log_probs)
+        while len(self._pending) > _MAX_PENDING:
+            self._pending.popitem(last=False)
+
+    def _check_collapse(self) -> None:
+        if self.min_ess_fraction <= 0.0:
+            return
+        ess = self.effective_sample_size()
+        if ess < self.min_ess_fraction * self.num_samples:
+            warnings.warn(
+                f"epoch {self._epoch}: the effective sample size is {ess:.1f} examples, "
+                f"below {self.min_ess_fraction:g} of N = {self.num_samples}: training "
+                "concentrates on a handful of examples. Lower beta (or kl_radius); see "
+                "docs/choosing-beta.md.",
+                SamplerCollapseWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ drawing
 
@@ -225,20 +333,32 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         """Write fresh per-example losses into the table; return importance weights.
 
         Args:
-            indices: shape (B,), integer indices of the batch's examples (duplicates allowed;
-                they are applied in order).
+            indices: the batch's examples: a ``DrawInfo`` (what ``IndexedDataset`` yields,
+                collated), the list of ``DrawnIndex`` the sampler yielded, or integer indices
+                of shape (B,) (duplicates allowed; applied in order).
             losses: shape (B,), their fresh losses, finite (a tensor may require grad; it is
                 detached).
-            drawn_log_probs: shape (B,), log p of each example when it was drawn. Default:
-                the table's current probabilities, which is exact without prefetch.
+            drawn_log_probs: shape (B,), log p of each example when it was drawn; NaN marks
+                an example not drawn by hardness (weight 1). Taken from a ``DrawInfo``
+                automatically. Default: the table's current probabilities, which is exact
+                without prefetch.
 
         Returns:
             Weights of shape (B,) on the losses' device, in the losses' floating dtype
             (float32 otherwise): ones, or with ``importance_weights`` the self-normalised
             weights p_target / p_drawn (mean 1 before clipping).
         """
+        batch_ids = None
+        if isinstance(indices, list) and indices and isinstance(indices[0], DrawnIndex):
+            indices = DrawInfo(indices, [i.log_prob for i in indices], [i.batch for i in indices])
+        if isinstance(indices, DrawInfo):
+            if drawn_log_probs is None:
+                drawn_log_probs = indices.log_prob
+            batch_ids = to_numpy(indices.batch)
+            indices = indices.index
         index_array = check_indices(indices, self.num_samples)
         loss_array = check_finite_vector(losses, index_array.size, "losses")
+        drawn = None
         if drawn_log_probs is not None:
             drawn = to_numpy(drawn_log_probs)
             if drawn.ndim != 1 or drawn.shape[0] != index_array.size:
@@ -246,24 +366,47 @@ class HardnessWeightedSampler(Sampler[list[int]]):
                     f"drawn_log_probs must have shape ({index_array.size},), "
                     f"got {tuple(drawn.shape)}"
                 )
-            drawn = check_finite_vector(drawn, None, "drawn_log_probs")
-        else:
-            drawn = None
+            drawn = drawn.astype(np.float64)
+            if np.isinf(drawn).any():
+                raise ValueError("drawn_log_probs must be finite or NaN, found inf")
         weights = self._weights(index_array, loss_array, drawn)
         self._write(index_array, loss_array)
+        self._acknowledge(index_array, batch_ids)
+        if (
+            self.kl_radius is not None
+            and self.beta_update_interval is not None
+            and self._epoch >= self.warmup_epochs
+            and self._num_updates % self.beta_update_interval == 0
+        ):
+            self.calibrate_beta()
         return _as_weight_tensor(weights, losses)
+
+    def _acknowledge(self, indices: np.ndarray, batch_ids: np.ndarray | None) -> None:
+        # Updated batches are no longer in flight. Without batch ids, the oldest pending
+        # batch with exactly these indices is the one (in-order loaders return them as drawn).
+        if batch_ids is not None and batch_ids.size:
+            for batch_id in np.unique(batch_ids).tolist():
+                self._pending.pop(int(batch_id), None)
+            return
+        for batch_id, (drawn, _) in self._pending.items():
+            if drawn.size == indices.size and np.array_equal(drawn, indices):
+                del self._pending[batch_id]
+                return
 
     def _weights(
         self, indices: np.ndarray, losses: np.ndarray, drawn: np.ndarray | None
     ) -> np.ndarray:
+        weights = np.ones(indices.size)
         if not self.importance_weights or indices.size == 0:
-            return np.ones(indices.size)
+            return weights
         # log r = beta * l - log p_drawn; the normalisers cancel in the self-normalisation.
         if drawn is None:
             drawn = self._tree.leaf_logits(indices)
-        weights = _log_softmax_weights(self._beta * losses - drawn)
-        if self.clip_weights is not None:
-            np.clip(weights, *self.clip_weights, out=weights)
+        hard = ~np.isnan(drawn)  # NaN: a uniform warm-up draw, which keeps weight 1
+        if hard.any():
+            weights[hard] = _log_softmax_weights(self._beta * losses[hard] - drawn[hard])
+            if self.clip_weights is not None:
+                np.clip(weights, *self.clip_weights, out=weights)
         return weights
 
     def _write(self, indices: np.ndarray, losses: np.ndarray) -> None:
@@ -312,6 +455,16 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             self._tree.rebuild(beta * self._losses)
             self._beta = beta
 
+    def calibrate_beta(self) -> float:
+        """Set beta so that KL(p || uniform) = ``kl_radius`` over the current table. O(N log).
+
+        Called automatically in ``kl_radius`` mode (see the class docstring); returns beta.
+        """
+        if self.kl_radius is None:
+            raise ValueError("calibrate_beta needs a sampler built with kl_radius")
+        self.beta = beta_for_kl_radius(self._losses, self.kl_radius)
+        return self._beta
+
     # ------------------------------------------------------------------ inspection
 
     @property
@@ -339,6 +492,24 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         probs /= probs.sum()
         return torch.from_numpy(probs)
 
+    def effective_sample_size(self) -> float:
+        """1 / sum p^2, in examples: N for uniform sampling, 1 for a point mass. O(N)."""
+        log_p = self.log_probabilities()
+        doubled = 2 * log_p
+        peak = doubled.max()
+        return float(np.exp(-(peak + np.log(np.exp(doubled - peak).sum()))))
+
+    def staleness(self) -> tuple[float, int]:
+        """Mean and max number of updates since each observed example was last written. O(N).
+
+        Both are 0 before any update; unobserved examples are excluded (see ``coverage``).
+        """
+        seen = self._last_update[self._last_update >= 0]
+        if seen.size == 0:
+            return 0.0, 0
+        age = (self._num_updates - 1) - seen
+        return float(age.mean()), int(age.max())
+
     def hardest(self, k: int) -> torch.Tensor:
         """Indices of the k largest stale losses, largest first, int64, shape (k,). O(N)."""
         if isinstance(k, bool) or not isinstance(k, int):
@@ -357,17 +528,17 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         Keys: ``entropy`` (nats), ``effective_sample_size`` (1 / sum p^2, in examples),
         ``max_probability``, ``kl_to_uniform`` (nats), ``coverage`` (fraction of examples
         observed at least once), ``dro_loss`` (the table's KL-DRO loss, loss units),
-        ``mean_loss`` (loss units), ``beta``, ``num_updates``.
+        ``mean_loss`` (loss units), ``beta``, ``num_updates``, ``staleness_mean`` and
+        ``staleness_max`` (updates since an observed example was last written).
         """
         log_p = self.log_probabilities()
         p = np.exp(log_p)
         entropy = float(-(p * log_p).sum())
-        peak2 = (2 * log_p).max()
-        log_sum_sq = peak2 + np.log(np.exp(2 * log_p - peak2).sum())
         table = torch.from_numpy(self._losses)
+        staleness_mean, staleness_max = self.staleness()
         return {
             "entropy": entropy,
-            "effective_sample_size": float(np.exp(-log_sum_sq)),
+            "effective_sample_size": self.effective_sample_size(),
             "max_probability": float(p.max()),
             "kl_to_uniform": max(0.0, math.log(self.num_samples) - entropy),
             "coverage": float((self._last_update >= 0).mean()),
@@ -375,6 +546,8 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             "mean_loss": float(table.mean()),
             "beta": self._beta,
             "num_updates": float(self._num_updates),
+            "staleness_mean": staleness_mean,
+            "staleness_max": float(staleness_max),
         }
 
     @property
@@ -384,21 +557,48 @@ class HardnessWeightedSampler(Sampler[list[int]]):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the exact batch stream, mid-epoch too.
-
-        Only tensors and plain Python values: safe for ``torch.load(weights_only=True)``.
-        """
+    def _settings(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
             "beta": self._beta,
+            "kl_radius": self.kl_radius,
             "replacement": self.replacement,
             "momentum": self.momentum,
             "importance_weights": self.importance_weights,
             "clip_weights": None if self.clip_weights is None else list(self.clip_weights),
             "num_batches": self.num_batches,
+            "warmup_epochs": self.warmup_epochs,
+            "beta_update_interval": self.beta_update_interval,
+            "min_ess_fraction": self.min_ess_fraction,
+        }
+
+    def _apply_settings(self, settings: Mapping[str, Any]) -> None:
+        self.num_samples = settings["num_samples"]
+        self.batch_size = settings["batch_size"]
+        self._beta = settings["beta"]
+        self.kl_radius = settings["kl_radius"]
+        self.replacement = settings["replacement"]
+        self.momentum = settings["momentum"]
+        self.importance_weights = settings["importance_weights"]
+        self.clip_weights = settings["clip_weights"]
+        self.num_batches = settings["num_batches"]
+        self.warmup_epochs = settings["warmup_epochs"]
+        self.beta_update_interval = settings["beta_update_interval"]
+        self.min_ess_fraction = settings["min_ess_fraction"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the exact batch stream, mid-epoch too.
+
+        That includes the batches drawn but not yet passed to ``update`` (DataLoader
+        prefetch): a restored sampler yields them again first, with their drawn
+        probabilities. ``beta_schedule`` is code and is not saved. Only tensors and plain
+        Python values: safe for ``torch.load(weights_only=True)``.
+        """
+        in_flight = sorted({**self._pending, **self._replay}.items())
+        return {
+            "version": STATE_VERSION,
+            "settings": self._settings(),
             "seed": self.seed,
             "losses": torch.from_numpy(self._losses.copy()),
             "last_update": torch.from_numpy(self._last_update.copy()),
@@ -406,6 +606,11 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             "epoch": self._epoch,
             "position": self._position,
             "in_epoch": self._in_epoch,
+            "batches_drawn": self._batches_drawn,
+            "pending": [
+                [batch_id, torch.from_numpy(indices.copy()), torch.from_numpy(log_probs.copy())]
+                for batch_id, (indices, log_probs) in in_flight
+            ],
             "rng": self._rng.bit_generator.state,
         }
 
@@ -421,27 +626,23 @@ class HardnessWeightedSampler(Sampler[list[int]]):
                 f"state dict version {state['version']!r} is not supported "
                 f"(this torchdro reads version {STATE_VERSION})"
             )
-        n = check_positive_int(state["num_samples"], "num_samples")
+        if not isinstance(state["settings"], Mapping):
+            raise ValueError("state dict settings must be a mapping")
+        try:
+            settings = _check_settings(**state["settings"])
+        except TypeError as error:
+            raise ValueError(f"state dict settings: {error}") from error
+        except ValueError as error:
+            raise ValueError(f"state dict settings: {error}") from error
+        n = settings["num_samples"]
         if n != self.num_samples:
             raise ValueError(f"state dict is for {n} examples, this sampler has {self.num_samples}")
-        batch_size = check_positive_int(state["batch_size"], "batch_size")
-        beta = check_beta(state["beta"])
-        replacement = _check_bool(state["replacement"], "replacement")
-        if not replacement and batch_size > n:
-            raise ValueError(f"batch_size {batch_size} exceeds num_samples {n}")
-        momentum = _check_momentum(state["momentum"])
-        importance_weights = _check_bool(state["importance_weights"], "importance_weights")
-        clip = state["clip_weights"]
-        clip_weights = _check_clip(None if clip is None else tuple(clip))
-        num_batches = state["num_batches"]
-        if num_batches is not None:
-            num_batches = check_positive_int(num_batches, "num_batches")
         seed = state["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"state dict seed must be a non-negative int, got {seed!r}")
         losses = check_finite_vector(state["losses"], n, "state dict losses").copy()
         last_update = to_numpy(state["last_update"])
-        num_updates = _check_count(state["num_updates"], "num_updates")
+        num_updates = _check_count(state["num_updates"], "state dict num_updates")
         if (
             last_update.shape != (n,)
             or not np.issubdtype(last_update.dtype, np.integer)
@@ -452,32 +653,107 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         epoch = state["epoch"]
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < -1:
             raise ValueError(f"state dict epoch must be an int >= -1, got {epoch!r}")
-        position = _check_count(state["position"], "position")
-        in_epoch = _check_bool(state["in_epoch"], "in_epoch")
+        position = _check_count(state["position"], "state dict position")
+        in_epoch = _check_state_bool(state["in_epoch"], "in_epoch")
+        batches_drawn = _check_count(state["batches_drawn"], "state dict batches_drawn")
+        replay = _check_pending(state["pending"], n, batches_drawn)
         rng = np.random.Generator(np.random.PCG64())
         try:
             rng.bit_generator.state = dict(state["rng"])
         except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"state dict rng is not a PCG64 state: {error}") from error
 
-        tree = LogSumTree(beta * losses, fanout=_FANOUT, top_size=_TOP_SIZE)
-        self.batch_size, self._beta, self.replacement = batch_size, beta, replacement
-        self.momentum, self.importance_weights = momentum, importance_weights
-        self.clip_weights, self.num_batches, self.seed = clip_weights, num_batches, seed
+        tree = LogSumTree(settings["beta"] * losses, fanout=_FANOUT, top_size=_TOP_SIZE)
+        self._apply_settings(settings)
+        self.seed = seed
         self._losses = losses
         self._last_update = last_update.astype(np.int64, copy=True)
         self._tree, self._rng = tree, rng
         self._num_updates, self._epoch = num_updates, epoch
         self._position, self._in_epoch = position, in_epoch
+        self._batches_drawn = batches_drawn
+        self._pending = OrderedDict()
+        self._replay = replay
+        self._permutation = None
 
 
 _STATE_KEYS = frozenset(
     {
-        "version", "num_samples", "batch_size", "beta", "replacement", "momentum",
-        "importance_weights", "clip_weights", "num_batches", "seed", "losses",
-        "last_update", "num_updates", "epoch", "position", "in_epoch", "rng",
+        "version", "settings", "seed", "losses", "last_update", "num_updates", "epoch",
+        "position", "in_epoch", "batches_drawn", "pending", "rng",
     }
 )  # fmt: skip
+
+
+def _check_settings(
+    *,
+    num_samples: Any,
+    batch_size: Any,
+    beta: Any,
+    kl_radius: Any,
+    replacement: Any,
+    momentum: Any,
+    importance_weights: Any,
+    clip_weights: Any,
+    num_batches: Any,
+    warmup_epochs: Any,
+    beta_update_interval: Any,
+    min_ess_fraction: Any,
+) -> dict[str, Any]:
+    """Validate every setting; the one place both the constructor and a checkpoint use."""
+    num_samples = check_positive_int(num_samples, "num_samples")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    replacement = _check_flag(replacement, "replacement")
+    if not replacement and batch_size > num_samples:
+        raise ValueError(
+            f"batch_size {batch_size} exceeds num_samples {num_samples}, "
+            "which sampling without replacement cannot serve"
+        )
+    return {
+        "num_samples": num_samples,
+        "batch_size": batch_size,
+        "beta": check_beta(beta),
+        "kl_radius": None if kl_radius is None else check_beta(kl_radius, "kl_radius"),
+        "replacement": replacement,
+        "momentum": _check_momentum(momentum),
+        "importance_weights": _check_flag(importance_weights, "importance_weights"),
+        "clip_weights": _check_clip(clip_weights),
+        "num_batches": None
+        if num_batches is None
+        else check_positive_int(num_batches, "num_batches"),
+        "warmup_epochs": _check_count(warmup_epochs, "warmup_epochs"),
+        "beta_update_interval": (
+            None
+            if beta_update_interval is None
+            else check_positive_int(beta_update_interval, "beta_update_interval")
+        ),
+        "min_ess_fraction": _check_fraction(min_ess_fraction, "min_ess_fraction"),
+    }
+
+
+def _check_pending(
+    pending: Any, num_samples: int, batches_drawn: int
+) -> OrderedDict[int, tuple[np.ndarray, np.ndarray]]:
+    if not isinstance(pending, (list, tuple)):
+        raise ValueError("state dict pending must be a list")
+    replay: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+    for entry in pending:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise ValueError("state dict pending entries must be [batch, indices, log_probs]")
+        batch_id, indices, log_probs = entry
+        if isinstance(batch_id, bool) or not isinstance(batch_id, int):
+            raise ValueError(f"state dict pending batch id must be an int, got {batch_id!r}")
+        if not 0 <= batch_id < batches_drawn or batch_id in replay:
+            raise ValueError(f"state dict pending batch id {batch_id} is invalid")
+        try:
+            index_array = check_indices(indices, num_samples)
+        except (TypeError, IndexError) as error:
+            raise ValueError(f"state dict pending indices: {error}") from error
+        log_array = to_numpy(log_probs).astype(np.float64)
+        if log_array.shape != index_array.shape or np.isinf(log_array).any():
+            raise ValueError("state dict pending log_probs must match indices, finite or NaN")
+        replay[batch_id] = (index_array.copy(), log_array.copy())
+    return OrderedDict(sorted(replay.items()))
 
 
 def _check_momentum(momentum: Any) -> float:
@@ -501,15 +777,38 @@ def _check_clip(clip: Any) -> tuple[float, float] | None:
     return (low, high)
 
 
-def _check_bool(value: Any, name: str) -> bool:
+def _check_fraction(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def _as_batch(indices: np.ndarray, log_probs: np.ndarray, batch_id: int) -> list[int]:
+    return [
+        DrawnIndex(i, p, batch_id)
+        for i, p in zip(indices.tolist(), log_probs.tolist(), strict=True)
+    ]
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _check_state_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"state dict {name} must be a bool, got {value!r}")
     return value
 
 
 def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"state dict {name} must be an int >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return value
 
 
