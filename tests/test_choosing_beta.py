@@ -65,6 +65,7 @@ def test_collapse_warning_fires_once_per_epoch() -> None:
     losses = np.zeros(200)
     losses[0] = 1.0
     sampler = HardnessWeightedSampler(200, 4, beta=50.0, init_loss=losses, num_batches=3)
+    sampler.update(np.arange(200), losses)  # every example observed
     with pytest.warns(SamplerCollapseWarning, match="effective sample size") as record:
         list(sampler)
         list(sampler)
@@ -74,6 +75,7 @@ def test_collapse_warning_fires_once_per_epoch() -> None:
 def test_no_collapse_warning_for_a_healthy_distribution() -> None:
     losses = np.random.default_rng(2).random(200)
     sampler = HardnessWeightedSampler(200, 4, beta=2.0, init_loss=losses, num_batches=3)
+    sampler.update(np.arange(200), losses)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SamplerCollapseWarning)
         for _ in range(3):
@@ -87,5 +89,9 @@ def test_collapse_threshold_is_configurable() -> None:
     sampler = HardnessWeightedSampler(
         200, 4, beta=2.0, init_loss=losses, num_batches=1, min_ess_fraction=1.0
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SamplerCollapseWarning)
+        list(sampler)  # nothing observed yet: unseen examples are meant to dominate
+    sampler.update(np.arange(200), losses)
     with pytest.warns(SamplerCollapseWarning):
         list(sampler)

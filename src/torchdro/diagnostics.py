@@ -76,7 +76,7 @@ class SamplerLogger:
     def _write_csv(self, row: dict[str, float]) -> None:
         assert self.csv_path is not None
         new_file = self._columns is None
-        if new_file:
+        if self._columns is None:
             self._columns = list(row)
             self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         with self.csv_path.open("w" if new_file else "a", newline="") as handle:

@@ -130,9 +130,23 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             the warm-up starts, and every ``beta_update_interval`` updates if that is set.
             Until the first calibration beta is 0. Scale-free, unlike beta.
         beta_update_interval: updates between recalibrations in ``kl_radius`` mode.
-        min_ess_fraction: when an epoch starts, a ``SamplerCollapseWarning`` is issued if the
-            effective sample size 1 / sum p^2 is below this fraction of N.
+        min_ess_fraction: when an epoch starts and every example has been observed, a
+            ``SamplerCollapseWarning`` is issued if the effective sample size 1 / sum p^2 is
+            below this fraction of N (0 disables it). See ``docs/choosing-beta.md``.
     """
+
+    num_samples: int
+    batch_size: int
+    kl_radius: float | None
+    replacement: bool
+    momentum: float
+    importance_weights: bool
+    clip_weights: tuple[float, float] | None
+    num_batches: int | None
+    warmup_epochs: int
+    beta_update_interval: int | None
+    min_ess_fraction: float
+    _beta: float
 
     def __init__(
         self,
@@ -151,7 +165,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         warmup_epochs: int = 0,
         kl_radius: float | None = None,
         beta_update_interval: int | None = None,
-        min_ess_fraction: float = 0.01,
+        min_ess_fraction: float = 0.1,
     ) -> None:
         if (beta is None) == (kl_radius is None):
             raise TypeError("give exactly one of beta and kl_radius")
@@ -265,7 +279,9 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             self._pending.popitem(last=False)
 
     def _check_collapse(self) -> None:
-        if self.min_ess_fraction <= 0.0:
+        # Unseen examples at a high init value are meant to dominate p: no alarm until all
+        # have a real loss.
+        if self.min_ess_fraction <= 0.0 or (self._last_update < 0).any():
             return
         ess = self.effective_sample_size()
         if ess < self.min_ess_fraction * self.num_samples:

@@ -1,0 +1,21 @@
+"""The examples run end to end (with fewer epochs) and show what they claim."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_plain_pytorch_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("sklearn")
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    module = runpy.run_path(str(EXAMPLES / "train_plain_pytorch.py"))
+    result = module["main"](["--out", str(tmp_path), "--epochs", "3", "--workers", "2"])
+    assert (tmp_path / "sampler.csv").read_text().count("\n") == 4  # header + 3 epochs
+    assert (tmp_path / "sampler.png").stat().st_size > 10_000
+    assert 0.5 < result["accuracy_normal"] <= 1.0
+    assert 0 < result["effective_sample_size"] <= 898
