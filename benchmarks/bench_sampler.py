@@ -450,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "huge": None if huge is None else asdict(huge),
             "wall_s": wall_s,
         }
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
             handle.write("\n")
