@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     digits = studies.add_parser("digits", help="digits with a rare sub-population (~3 min)")
     digits.add_argument("--out", type=Path, default=Path("results/digits"))
-    digits.add_argument("--seeds", type=int, default=5)
+    digits.add_argument("--seeds", type=int, default=10)
     digits.add_argument("--epochs", type=int, default=60)
     digits.add_argument("--beta", type=float, default=2.0, help="DRO's beta (1/nats)")
     digits.set_defaults(run=_digits)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchdro import HardnessWeightedSampler
+from torchdro import HardnessWeightedSampler, SamplerCollapseWarning
 from torchdro.experiments.report import (
     Paired,
     Run,
@@ -67,7 +68,7 @@ class Method:
 class Config:
     """Everything that defines the study; saved in results.json."""
 
-    seeds: int = 5
+    seeds: int = 10
     epochs: int = 60
     weight_decays: tuple[float, ...] = (5e-3, 0.0)
     scenarios: tuple[str, ...] = SCENARIOS
@@ -214,7 +215,9 @@ def train(
         if sampler is not None:
             batches: Any = sampler
         elif balance is not None:
-            draws = torch.multinomial(balance, steps_per_epoch * BATCH_SIZE, True, generator=generator)
+            draws = torch.multinomial(
+                balance, steps_per_epoch * BATCH_SIZE, True, generator=generator
+            )
             batches = draws.view(steps_per_epoch, BATCH_SIZE)
         else:
             batches = torch.randperm(n, generator=generator).split(BATCH_SIZE)
@@ -247,11 +250,14 @@ def run_one(
 
     start = time.perf_counter()
     groups = split.group_train if method.name == "oracle-balanced" else None
-    model = train(
-        method, split.x_train, split.y_train, weight_decay=weight_decay, epochs=epochs,
-        seed=seed, groups=groups, on_epoch=record,
-    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SamplerCollapseWarning)
+        model = train(
+            method, split.x_train, split.y_train, weight_decay=weight_decay, epochs=epochs,
+            seed=seed, groups=groups, on_epoch=record,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
+    collapses = sum(issubclass(w.category, SamplerCollapseWarning) for w in caught)
     with torch.no_grad():
         predictions = model(split.x_test).argmax(dim=1).numpy()
     per_group = group_accuracy(
@@ -275,6 +281,7 @@ def run_one(
     }
     if method.name == "dro":
         run["trace"] = asdict(trace)
+        run["collapse_warnings"] = collapses  # epochs that started with ESS < 0.1 N
     return run
 
 
@@ -310,13 +317,15 @@ def _select(**fields: Any) -> Callable[[Run], bool]:
     return lambda run: all(run[k] == v for k, v in fields.items())
 
 
+def _pick(runs: Sequence[Run], **fields: Any) -> list[Run]:
+    keep = _select(**fields)
+    return [run for run in runs if keep(run)]
+
+
 def _cells(runs: Sequence[Run], config: Config, scenario: str, wd: float) -> list[list[str]]:
     rows = []
     for method in config.methods:
-        chosen = [
-            r for r in runs
-            if r["scenario"] == scenario and r["weight_decay"] == wd and r["label"] == method.label
-        ]  # fmt: skip
+        chosen = _pick(runs, scenario=scenario, weight_decay=wd, label=method.label)
         rows.append(
             [
                 method.label + (" — oracle, uses hidden labels" if "oracle" in method.name else ""),
@@ -329,7 +338,7 @@ def _cells(runs: Sequence[Run], config: Config, scenario: str, wd: float) -> lis
 
 
 def _verdict(diff: Paired) -> str:
-    mean, std = mean_std(diff.differences)
+    mean = mean_std(diff.differences)[0]
     n = len(diff.differences)
     if n == 0:
         return "not measured"
@@ -422,15 +431,18 @@ def report(config: Config, runs: Sequence[Run]) -> str:
                         f"- DRO − {c['against']}: worst group {c['worst_group'].describe()}; "
                         f"overall {c['overall'].describe()}. **{c['verdict']}.**"
                     )
-            oracle = [
-                r["worst_group_accuracy"] for r in runs
-                if r["scenario"] == scenario and r["weight_decay"] == wd
-                and r["method"] == "oracle-balanced"
-            ]  # fmt: skip
-            dro_worst = [
-                r["worst_group_accuracy"] for r in runs
-                if r["scenario"] == scenario and r["weight_decay"] == wd and r["method"] == "dro"
-            ]  # fmt: skip
+            here = _pick(runs, scenario=scenario, weight_decay=wd)
+            oracle = [r["worst_group_accuracy"] for r in _pick(here, method="oracle-balanced")]
+            dro_worst = [r["worst_group_accuracy"] for r in _pick(here, method="dro")]
+            dro_runs = _pick(here, method="dro")
+            if dro_runs:
+                warned = [r["collapse_warnings"] for r in dro_runs]
+                parts.append(
+                    f"- DRO's sampler warned of a collapse (an epoch starting with an effective "
+                    f"sample size below 10 % of N) in {sum(w > 0 for w in warned)} of "
+                    f"{len(warned)} runs ({sum(warned)} epochs of "
+                    f"{len(warned) * config.epochs} in all)."
+                )
             if oracle and dro_worst:
                 gap = mean_std(oracle)[0] - mean_std(dro_worst)[0]
                 parts.append(
@@ -464,20 +476,22 @@ def plot(config: Config, runs: Sequence[Run], out: Path) -> None:
     competitors = [m for m in config.methods if m.name != "oracle-balanced"]
     for ax, (scenario, wd) in zip(axes[0], panels, strict=True):
         for k, method in enumerate(competitors):
-            chosen = [
-                r for r in runs
-                if r["scenario"] == scenario and r["weight_decay"] == wd and r["label"] == method.label
-            ]  # fmt: skip
-            for offset, metric, color in ((-0.12, "worst_group_accuracy", "C3"), (0.12, "accuracy", "C0")):
+            chosen = _pick(runs, scenario=scenario, weight_decay=wd, label=method.label)
+            for offset, metric, color in (
+                (-0.12, "worst_group_accuracy", "C3"),
+                (0.12, "accuracy", "C0"),
+            ):
                 mean, std = mean_std([r[metric] for r in chosen])
                 ax.errorbar(k + offset, mean, yerr=std, fmt="o", color=color, capsize=3)
         oracle = [
-            r["worst_group_accuracy"] for r in runs
-            if r["scenario"] == scenario and r["weight_decay"] == wd and r["method"] == "oracle-balanced"
-        ]  # fmt: skip
+            r["worst_group_accuracy"]
+            for r in _pick(runs, scenario=scenario, weight_decay=wd, method="oracle-balanced")
+        ]
         if oracle:
             ax.axhline(mean_std(oracle)[0], color="grey", linestyle="--", linewidth=1)
-        ax.set_xticks(range(len(competitors)), [m.label.replace(" (", "\n(") for m in competitors], fontsize=7)
+        ax.set_xticks(
+            range(len(competitors)), [m.label.replace(" (", "\n(") for m in competitors], fontsize=7
+        )
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{scenario}, wd {wd:g}", fontsize=10)
     axes[0][0].set_ylabel("accuracy")
@@ -493,24 +507,24 @@ def plot(config: Config, runs: Sequence[Run], out: Path) -> None:
         ("rare_mass.png", "rare_mass", "probability mass on the rare part"),
         ("ess.png", "ess_fraction", "effective sample size / N"),
     ):
-        figure, axes = plt.subplots(1, len(config.scenarios), figsize=(5 * len(config.scenarios), 3.8), squeeze=False)
+        figure, axes = plt.subplots(
+            1, len(config.scenarios), figsize=(5 * len(config.scenarios), 3.8), squeeze=False
+        )
         for ax, scenario in zip(axes[0], config.scenarios, strict=True):
             for j, wd in enumerate(config.weight_decays):
-                traces = np.array(
-                    [
-                        r["trace"][key] for r in runs
-                        if r["scenario"] == scenario and r["weight_decay"] == wd and r["method"] == "dro"
-                    ]  # fmt: skip
-                )
+                dro_runs = _pick(runs, scenario=scenario, weight_decay=wd, method="dro")
+                traces = np.array([r["trace"][key] for r in dro_runs])
                 if traces.size == 0:
                     continue
                 epochs = np.arange(1, traces.shape[1] + 1)
-                mean, std = traces.mean(0), traces.std(0)
-                ax.plot(epochs, mean, color=f"C{j}", label=f"DRO, wd {wd:g}")
-                ax.fill_between(epochs, mean - std, mean + std, color=f"C{j}", alpha=0.2)
+                low, middle, high = np.percentile(traces, [10, 50, 90], axis=0)
+                ax.plot(epochs, middle, color=f"C{j}", label=f"DRO, wd {wd:g} (median, 10–90 %)")
+                ax.fill_between(epochs, low, high, color=f"C{j}", alpha=0.2)
             if key == "rare_mass":
                 share = np.mean([r["rare_share_train"] for r in runs if r["scenario"] == scenario])
-                ax.axhline(share, color="grey", linestyle="--", label=f"share in data ({share:.1%})")
+                ax.axhline(
+                    share, color="grey", linestyle="--", label=f"share in data ({share:.1%})"
+                )
                 ax.set_yscale("log")
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)

@@ -75,7 +75,12 @@ def write_results(out: Path, experiment: str, config: dict[str, Any], runs: list
     """Write ``out/results.json``: ``{"experiment", "config", "environment", "runs"}``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    payload = {"experiment": experiment, "config": config, "environment": environment(), "runs": runs}
+    payload = {
+        "experiment": experiment,
+        "config": config,
+        "environment": environment(),
+        "runs": runs,
+    }
     path.write_text(json.dumps(payload, indent=1, allow_nan=True))
     return path
 
@@ -88,7 +93,9 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain fixed-width table for the terminal."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
     out = [line, "-" * len(line)]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
