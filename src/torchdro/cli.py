@@ -26,10 +26,12 @@ def _digits(args: argparse.Namespace) -> int:
 def _seg3d(args: argparse.Namespace) -> int:
     from torchdro.experiments import seg3d
 
-    config = seg3d.Config(
-        seeds=args.seeds, steps=args.steps, beta=args.beta, train_normal=args.train_normal,
-        test_per_group=args.test_per_group, size=args.size,
-    )  # fmt: skip
+    given = {
+        key: getattr(args, key)
+        for key in ("seeds", "steps", "beta", "train_normal", "test_per_group", "size")
+        if getattr(args, key) is not None
+    }
+    config = seg3d.Config(**given)
     runs = seg3d.run_study(config, args.out)
     print(seg3d.results_table(config, runs))
     print(f"\nwrote {args.out / 'results.json'}, {args.out / 'report.md'} and PNG plots")
@@ -49,14 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--beta", type=float, default=2.0, help="DRO's beta (1/nats)")
     digits.set_defaults(run=_digits)
 
-    seg = studies.add_parser("seg3d", help="synthetic 3D segmentation with rare anatomy")
+    seg = studies.add_parser("seg3d", help="synthetic 3D segmentation with rare anatomy (~8 min)")
     seg.add_argument("--out", type=Path, default=Path("results/seg3d"))
-    seg.add_argument("--seeds", type=int, default=3)
-    seg.add_argument("--steps", type=int, default=600)
-    seg.add_argument("--beta", type=float, default=None, help="default: set from an ERM pilot")
-    seg.add_argument("--train-normal", type=int, default=90)
-    seg.add_argument("--test-per-group", type=int, default=30)
-    seg.add_argument("--size", type=int, default=24)
+    seg.add_argument("--seeds", type=int, help="generated data sets (default 5)")
+    seg.add_argument("--steps", type=int, help="SGD steps per run (default 1000)")
+    seg.add_argument("--beta", type=float, help="DRO's beta; default: from the ERM run")
+    seg.add_argument("--train-normal", type=int, help="normal training cases (default 180)")
+    seg.add_argument("--test-per-group", type=int, help="test cases per subgroup (default 40)")
+    seg.add_argument("--size", type=int, help="volume side in voxels (default 24)")
     seg.set_defaults(run=_seg3d)
     return parser
 
