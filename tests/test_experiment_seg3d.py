@@ -17,7 +17,9 @@ from torchdro.experiments import seg3d
 
 def _volumes(group: str, structure: int, count: int = 8) -> float:
     rng = np.random.default_rng(0)
-    return float(np.mean([(seg3d.make_case(rng, 24, group)[1] == structure).sum() for _ in range(count)]))
+    return float(
+        np.mean([(seg3d.make_case(rng, 24, group)[1] == structure).sum() for _ in range(count)])
+    )
 
 
 def test_anatomical_variant_is_atypical() -> None:
@@ -25,7 +27,7 @@ def test_anatomical_variant_is_atypical() -> None:
     assert variant_ventricles > 4 * normal_ventricles  # greatly enlarged
     assert _volumes("anatomical", 3) < 0.5 * _volumes("normal", 3)  # shrunken cerebellum
     rng = np.random.default_rng(1)
-    image, labels = seg3d.make_case(rng, 24, "normal")
+    _, labels = seg3d.make_case(rng, 24, "normal")
     _, moved = seg3d.make_case(rng, 24, "anatomical")
     centre = [np.argwhere(lab == 3).mean(axis=0) for lab in (labels, moved)]
     assert centre[1][0] < centre[0][0] and centre[1][1] > centre[0][1]  # lower, further back
@@ -62,7 +64,8 @@ def test_summary_statistics_by_hand() -> None:
 
 def test_beta_rule() -> None:
     losses = np.linspace(0.0, 1.0, 101)  # q50 = 0.5, q95 = 0.95
-    assert seg3d.beta_from_pilot(losses) == pytest.approx(2.0 / 0.45)
+    assert seg3d.beta_from_pilot(losses, 2.0) == pytest.approx(2.0 / 0.45)
+    assert seg3d.beta_from_pilot(losses, 1.0) == pytest.approx(1.0 / 0.45)
 
 
 def test_dro_never_sees_the_subgroups() -> None:
@@ -87,7 +90,7 @@ def test_smoke_run_and_schema(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     payload = json.loads((out / "results.json").read_text())
     assert payload["experiment"] == "seg3d"
     runs = payload["runs"]
-    assert [r["method"] for r in runs] == ["erm", "dro", "erm", "dro"]
+    assert [r["label"] for r in runs] == ["erm", "dro (gap 1)", "dro (gap 2)"] * 2
     for run in runs:
         assert {"scenario", "method", "seed", "lr", "beta", "weight_decay", "accuracy",
                 "worst_group_accuracy", "groups", "seconds"} <= set(run)  # fmt: skip

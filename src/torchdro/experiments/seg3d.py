@@ -11,8 +11,8 @@ noise. Subgroups:
 A MONAI 3D U-Net is trained on Dice + CE computed per case (``torchdro.dice_ce_per_case``),
 with and without weight decay, by ERM (uniform shuffling) and by DRO (hardness weighted
 sampling after a one-epoch uniform warm-up). DRO's beta is set without labels from the ERM
-run of the same seed: beta = 2 / (q95 - q50) of its per-case training losses, so that the
-hardest 5 % of cases are drawn about e^2 times as often as a median case.
+run of the same seed: beta = g / (q95 - q50) of its per-case training losses, so that the
+hardest 5 % of cases are drawn about e^g times as often as a median case (g = 1 and 2).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ STRUCTURES = ("brain", "ventricles", "cerebellum")  # labels 1, 2, 3; 0 is backg
 BATCH_SIZE = 4
 LR = 0.05
 MOMENTUM = 0.9
-TAIL_GAP_TARGET = 2.0  # beta x (q95 - q50 of per-case ERM training loss)
 
 
 @dataclass
@@ -58,7 +57,9 @@ class Config:
     train_contrast: int = 10
     test_per_group: int = 40
     weight_decays: tuple[float, ...] = (3e-3, 0.0)
-    beta: float | None = None  # None: from the ERM run of the same seed and weight decay
+    # DRO's beta x (q95 - q50 of the ERM run's per-case training losses); one DRO run each.
+    tail_gaps: tuple[float, ...] = (1.0, 2.0)
+    beta: float | None = None  # a fixed beta instead of the tail-gap rule
 
 
 # ---------------------------------------------------------------------------- data
@@ -175,10 +176,10 @@ def training_losses(model: torch.nn.Module, data: Dataset3D) -> np.ndarray:
     return torch.cat(chunks).numpy()
 
 
-def beta_from_pilot(losses: np.ndarray) -> float:
-    """beta such that beta * (q95 - q50) of the per-case losses = TAIL_GAP_TARGET."""
+def beta_from_pilot(losses: np.ndarray, tail_gap: float) -> float:
+    """beta such that beta * (q95 - q50) of the per-case losses equals ``tail_gap``."""
     q50, q95 = np.percentile(losses, [50, 95])
-    return TAIL_GAP_TARGET / max(float(q95 - q50), 1e-6)
+    return tail_gap / max(float(q95 - q50), 1e-6)
 
 
 def train(
@@ -233,7 +234,7 @@ def evaluate(model: torch.nn.Module, data: Dataset3D) -> np.ndarray:
 
 
 def _run_record(
-    method: str, seed: int, weight_decay: float, beta: float, dice: np.ndarray,
+    method: str, label: str, seed: int, weight_decay: float, beta: float, dice: np.ndarray,
     test: Dataset3D, seconds: float, extra: dict[str, Any],
 ) -> Run:  # fmt: skip
     groups: dict[str, Any] = {}
@@ -245,6 +246,7 @@ def _run_record(
     return {
         "scenario": "rare-anatomy",
         "method": method,
+        "label": label,
         "seed": seed,
         "lr": LR,
         "beta": beta,
@@ -266,8 +268,12 @@ def run_study(config: Config, out: Path, progress: bool = True) -> list[Run]:
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     runs: list[Run] = []
-    jobs = [(seed, wd) for seed in range(config.seeds) for wd in config.weight_decays]
-    bar = tqdm(total=2 * len(jobs), desc="seg3d", disable=not progress)
+    variants = [None] if config.beta is not None else list(config.tail_gaps)
+    bar = tqdm(
+        total=config.seeds * len(config.weight_decays) * (1 + len(variants)),
+        desc="seg3d",
+        disable=not progress,
+    )
     for seed in range(config.seeds):
         train_counts = {
             "normal": config.train_normal,
@@ -283,29 +289,32 @@ def run_study(config: Config, out: Path, progress: bool = True) -> list[Run]:
             model, _ = train(data, steps=config.steps, seed=seed, weight_decay=wd, beta=None)
             seconds = time.perf_counter() - start
             pilot = training_losses(model, data)
-            runs.append(_run_record("erm", seed, wd, 0.0, evaluate(model, test), test, seconds, {}))
+            dice = evaluate(model, test)
+            runs.append(_run_record("erm", "erm", seed, wd, 0.0, dice, test, seconds, {}))
             bar.update()
-            beta = config.beta if config.beta is not None else beta_from_pilot(pilot)
-            start = time.perf_counter()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", SamplerCollapseWarning)
-                model, trace = train(
-                    data, steps=config.steps, seed=seed, weight_decay=wd, beta=beta
-                )
-            seconds = time.perf_counter() - start
-            extra = {
-                "trace": trace,
-                "collapse_warnings": sum(
-                    issubclass(w.category, SamplerCollapseWarning) for w in caught
-                ),
-                "pilot_loss_quantiles": dict(
-                    zip(("q50", "q95"), np.percentile(pilot, [50, 95]).tolist(), strict=True)
-                ),
-            }
-            runs.append(
-                _run_record("dro", seed, wd, beta, evaluate(model, test), test, seconds, extra)
-            )
-            bar.update()
+            for gap in variants:
+                beta = config.beta if gap is None else beta_from_pilot(pilot, gap)
+                label = f"dro (beta {beta:g})" if gap is None else f"dro (gap {gap:g})"
+                start = time.perf_counter()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", SamplerCollapseWarning)
+                    model, trace = train(
+                        data, steps=config.steps, seed=seed, weight_decay=wd, beta=beta
+                    )
+                seconds = time.perf_counter() - start
+                extra = {
+                    "tail_gap": gap,
+                    "trace": trace,
+                    "collapse_warnings": sum(
+                        issubclass(w.category, SamplerCollapseWarning) for w in caught
+                    ),
+                    "pilot_loss_quantiles": dict(
+                        zip(("q50", "q95"), np.percentile(pilot, [50, 95]).tolist(), strict=True)
+                    ),
+                }
+                dice = evaluate(model, test)
+                runs.append(_run_record("dro", label, seed, wd, beta, dice, test, seconds, extra))
+                bar.update()
     bar.close()
     write_results(out, "seg3d", asdict(config), runs)
     (out / "report.md").write_text(report(config, runs))
@@ -320,31 +329,49 @@ def _metric(run: Run, group: str, structure: str, stat: str) -> float:
     return float(run["groups"][group][structure][stat])
 
 
+def _labels(runs: Sequence[Run]) -> list[str]:
+    return list(dict.fromkeys(r["label"] for r in runs))
+
+
+def _chosen(runs: Sequence[Run], label: str, wd: float) -> list[Run]:
+    return [r for r in runs if r["label"] == label and r["weight_decay"] == wd]
+
+
 def _table_rows(config: Config, runs: Sequence[Run], structure: str) -> list[list[str]]:
     rows = []
     for wd in config.weight_decays:
-        for method in ("erm", "dro"):
-            chosen = [r for r in runs if r["method"] == method and r["weight_decay"] == wd]
-            row = [f"{method} (wd {wd:g})"]
+        for label in _labels(runs):
+            chosen = _chosen(runs, label, wd)
+            row = [f"{label}, wd {wd:g}"]
             for group in GROUPS:
                 for stat in ("mean", "p10", "iqr", "worst"):
-                    row.append(
-                        f"{mean_std([_metric(r, group, structure, stat) for r in chosen])[0]:.3f}"
-                    )
+                    values = [_metric(r, group, structure, stat) for r in chosen]
+                    row.append(f"{mean_std(values)[0]:.3f}")
             rows.append(row)
     return rows
 
 
-def _compare(runs: Sequence[Run], wd: float, group: str, structure: str, stat: str) -> Paired:
+def _compare(
+    runs: Sequence[Run], label: str, wd: float, group: str, structure: str, stat: str
+) -> Paired:
     return paired(
         [{**r, "value": _metric(r, group, structure, stat)} for r in runs],
-        lambda r: r["method"] == "dro" and r["weight_decay"] == wd,
+        lambda r: r["label"] == label and r["weight_decay"] == wd,
         lambda r: r["method"] == "erm" and r["weight_decay"] == wd,
         "value",
     )
 
 
+def _dro_labels(runs: Sequence[Run]) -> list[str]:
+    return [label for label in _labels(runs) if label != "erm"]
+
+
+def _seconds(runs: Sequence[Run], method: str) -> float:
+    return mean_std([r["seconds"] for r in runs if r["method"] == method])[0]
+
+
 def results_table(config: Config, runs: Sequence[Run]) -> str:
+    """The terminal summary: foreground Dice per subgroup, and DRO − ERM by data set."""
     header = ["method"] + [f"{g[:4]} {s}" for g in GROUPS for s in ("mean", "p10", "IQR", "worst")]
     parts = [
         f"Foreground Dice per case (mean over {', '.join(STRUCTURES)}), averaged over "
@@ -353,15 +380,16 @@ def results_table(config: Config, runs: Sequence[Run]) -> str:
         "",
         "DRO − ERM, paired by data set (same weight decay):",
     ]
-    for wd in config.weight_decays:
-        for group in GROUPS:
-            mean_diff = _compare(runs, wd, group, "foreground", "mean")
-            p10 = _compare(runs, wd, group, "foreground", "p10")
-            parts.append(
-                f"  wd {wd:<6g} {group:<10} mean {mean_diff.describe()}; p10 {p10.describe()}"
-            )
-    erm_s = mean_std([r["seconds"] for r in runs if r["method"] == "erm"])[0]
-    dro_s = mean_std([r["seconds"] for r in runs if r["method"] == "dro"])[0]
+    for label in _dro_labels(runs):
+        for wd in config.weight_decays:
+            for group in GROUPS:
+                mean_diff = _compare(runs, label, wd, group, "foreground", "mean")
+                p10 = _compare(runs, label, wd, group, "foreground", "p10")
+                parts.append(
+                    f"  {label:<13} wd {wd:<6g} {group:<10} mean {mean_diff.describe()}; "
+                    f"p10 {p10.describe()}"
+                )
+    erm_s, dro_s = _seconds(runs, "erm"), _seconds(runs, "dro")
     parts.append(
         f"\ntraining wall time: ERM {erm_s:.1f} s, DRO {dro_s:.1f} s ({dro_s / erm_s:.2f}x)"
     )
@@ -369,9 +397,12 @@ def results_table(config: Config, runs: Sequence[Run]) -> str:
 
 
 def report(config: Config, runs: Sequence[Run]) -> str:
-    betas = [r["beta"] for r in runs if r["method"] == "dro"]
-    erm_s = mean_std([r["seconds"] for r in runs if r["method"] == "erm"])[0]
-    dro_s = mean_std([r["seconds"] for r in runs if r["method"] == "dro"])[0]
+    """report.md: the setting, every metric with its spread, and the paired differences."""
+    erm_s, dro_s = _seconds(runs, "erm"), _seconds(runs, "dro")
+    beta_lines = []
+    for label in _dro_labels(runs):
+        betas = [r["beta"] for r in runs if r["label"] == label]
+        beta_lines.append(f"{label}: " + ", ".join(f"{b:.1f}" for b in betas))
     parts = [
         "# ERM vs DRO: 3D segmentation with rare anatomy (synthetic)",
         "",
@@ -388,14 +419,14 @@ def report(config: Config, runs: Sequence[Run]) -> str:
         (
             f"- DRO's beta = {config.beta:g} for every run."
             if config.beta is not None
-            else "- DRO's beta was set without labels from the ERM run of the same data set and "
-            "weight decay: beta = 2 / (q95 − q50) of its per-case training losses. Values used: "
-            + ", ".join(f"{b:.1f}" for b in betas)
-            + "."
+            else "- DRO's beta is set without labels from the ERM run of the same data set and "
+            "weight decay: beta = g / (q95 − q50) of its per-case training losses, so the "
+            "hardest 5 % of cases are drawn about e^g times as often as a median one. Betas "
+            "used, by data set and weight decay: " + "; ".join(beta_lines) + "."
         ),
         "- Metrics per subgroup and structure, on hard predictions: mean Dice, the 10th "
         "percentile of per-case Dice (p10), the interquartile range (IQR) and the worst case. "
-        "Values are averaged over data sets.",
+        "Values are averaged over data sets; the paired differences below give their spread.",
         f"- Training wall time: ERM {erm_s:.1f} s, DRO {dro_s:.1f} s per run "
         f"({dro_s / erm_s:.2f}× ERM).",
         "",
@@ -409,20 +440,23 @@ def report(config: Config, runs: Sequence[Run]) -> str:
         parts.append("")
     parts.append("## DRO − ERM, paired by data set")
     parts.append("")
-    for wd in config.weight_decays:
-        for group in GROUPS:
-            for structure in ("foreground", *STRUCTURES):
-                line = "; ".join(
-                    f"{stat} {_compare(runs, wd, group, structure, stat).describe()}"
-                    for stat in ("mean", "p10", "worst")
-                )
-                parts.append(f"- wd {wd:g}, {group}, {structure}: {line}")
-    parts.append("")
-    warned = [r["collapse_warnings"] for r in runs if r["method"] == "dro"]
-    parts.append(
-        f"DRO's sampler warned of a collapse (effective sample size below 10 % of N at an "
-        f"epoch start) in {sum(w > 0 for w in warned)} of {len(warned)} runs."
-    )
+    for label in _dro_labels(runs):
+        for wd in config.weight_decays:
+            for group in GROUPS:
+                for structure in ("foreground", *STRUCTURES):
+                    line = "; ".join(
+                        f"{stat} {_compare(runs, label, wd, group, structure, stat).describe()}"
+                        for stat in ("mean", "p10", "worst")
+                    )
+                    parts.append(f"- {label}, wd {wd:g}, {group}, {structure}: {line}")
+        parts.append("")
+    for label in _dro_labels(runs):
+        warned = [r["collapse_warnings"] for r in runs if r["label"] == label]
+        parts.append(
+            f"- {label}: the sampler warned of a collapse (effective sample size below 10 % of "
+            f"N when an epoch started) in {sum(w > 0 for w in warned)} of {len(warned)} runs, "
+            f"{sum(warned)} epochs in all."
+        )
     parts += [
         "",
         "`boxplots.png`: per-case foreground Dice per subgroup and method, pooled over data "
@@ -439,24 +473,22 @@ def plot(config: Config, runs: Sequence[Run], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [(m, wd) for wd in config.weight_decays for m in ("erm", "dro")]
-    figure, axes = plt.subplots(1, len(GROUPS), figsize=(4.5 * len(GROUPS), 4), sharey=True)
+    methods = [(label, wd) for wd in config.weight_decays for label in _labels(runs)]
+    figure, axes = plt.subplots(1, len(GROUPS), figsize=(5 * len(GROUPS), 4.2), sharey=True)
     for ax, group in zip(axes, GROUPS, strict=True):
         data = [
-            [
-                d
-                for r in runs
-                if r["method"] == m and r["weight_decay"] == wd
-                for d in r["case_dice"][group]
-            ]
-            for m, wd in methods
+            [d for r in _chosen(runs, label, wd) for d in r["case_dice"][group]]
+            for label, wd in methods
         ]
         box = ax.boxplot(data, patch_artist=True, widths=0.6)
-        for patch, (m, _) in zip(box["boxes"], methods, strict=True):
-            patch.set_facecolor("C3" if m == "dro" else "C0")
+        for patch, (label, _) in zip(box["boxes"], methods, strict=True):
+            patch.set_facecolor("C0" if label == "erm" else f"C{3 + _labels(runs).index(label)}")
             patch.set_alpha(0.5)
         ax.set_xticks(
-            range(1, len(methods) + 1), [f"{m}\nwd {wd:g}" for m, wd in methods], fontsize=8
+            range(1, len(methods) + 1),
+            [f"{label}\nwd {wd:g}" for label, wd in methods],
+            fontsize=7,
+            rotation=30,
         )
         ax.set_title(group)
     axes[0].set_ylabel("per-case Dice (mean of structures)")
@@ -468,16 +500,14 @@ def plot(config: Config, runs: Sequence[Run], out: Path) -> None:
     share = (config.train_anatomical + config.train_contrast) / (
         config.train_normal + config.train_anatomical + config.train_contrast
     )
-    for j, wd in enumerate(config.weight_decays):
-        traces = [
-            r["trace"]["rare_mass"]
-            for r in runs
-            if r["method"] == "dro" and r["weight_decay"] == wd
-        ]
+    for j, (label, wd) in enumerate(
+        (label, wd) for wd in config.weight_decays for label in _dro_labels(runs)
+    ):
+        traces = [r["trace"]["rare_mass"] for r in _chosen(runs, label, wd)]
         length = min(len(t) for t in traces)
         values = np.array([t[:length] for t in traces])
         epochs = np.arange(1, length + 1)
-        ax.plot(epochs, np.median(values, axis=0), color=f"C{j}", label=f"DRO, wd {wd:g} (median)")
+        ax.plot(epochs, np.median(values, axis=0), color=f"C{j}", label=f"{label}, wd {wd:g}")
         ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{j}", alpha=0.2)
     ax.axhline(share, color="grey", linestyle="--", label=f"share in data ({share:.1%})")
     ax.set_xlabel("epoch")
