@@ -29,13 +29,13 @@ from torch import nn
 
 from torchdro import HardnessWeightedSampler, SamplerCollapseWarning
 from torchdro.experiments.report import (
-    Paired,
     Run,
     fmt_mean_std,
     markdown_table,
     mean_std,
     paired,
     text_table,
+    verdict,
     write_results,
 )
 
@@ -337,18 +337,6 @@ def _cells(runs: Sequence[Run], config: Config, scenario: str, wd: float) -> lis
     return rows
 
 
-def _verdict(diff: Paired) -> str:
-    mean = mean_std(diff.differences)[0]
-    n = len(diff.differences)
-    if n == 0:
-        return "not measured"
-    if mean > 0 and diff.positive >= math.ceil(0.8 * n):
-        return "DRO better"
-    if mean < 0 and n - diff.positive >= math.ceil(0.8 * n):
-        return "DRO worse"
-    return "no clear difference"
-
-
 def comparisons(config: Config, runs: Sequence[Run]) -> list[dict[str, Any]]:
     """DRO against each non-oracle baseline, paired by seed, per scenario and weight decay."""
     out = []
@@ -369,7 +357,7 @@ def comparisons(config: Config, runs: Sequence[Run]) -> list[dict[str, Any]]:
                         "against": other.label,
                         "worst_group": worst,
                         "overall": overall,
-                        "verdict": _verdict(worst),
+                        "verdict": verdict(worst),
                     }
                 )
     return out

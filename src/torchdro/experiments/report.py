@@ -49,6 +49,19 @@ class Paired:
         )
 
 
+def verdict(diff: Paired, subject: str = "DRO") -> str:
+    """'better' / 'worse' when at least 80 % of the seeds agree with the mean's sign."""
+    n = len(diff.differences)
+    if n == 0:
+        return "not measured"
+    mean = mean_std(diff.differences)[0]
+    if mean > 0 and diff.positive >= math.ceil(0.8 * n):
+        return f"{subject} better"
+    if mean < 0 and n - diff.positive >= math.ceil(0.8 * n):
+        return f"{subject} worse"
+    return "no clear difference"
+
+
 def paired(
     runs: Iterable[Run], a: Callable[[Run], bool], b: Callable[[Run], bool], metric: str
 ) -> Paired:

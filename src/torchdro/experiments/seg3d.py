@@ -35,6 +35,7 @@ from torchdro.experiments.report import (
     mean_std,
     paired,
     text_table,
+    verdict,
     write_results,
 )
 
@@ -70,7 +71,7 @@ def make_case(rng: np.random.Generator, size: int, group: str) -> tuple[np.ndarr
     axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
 
-    def ellipsoid(center: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+    def ellipsoid(center: np.ndarray, radii: np.ndarray) -> np.ndarray:
         return (
             ((z - center[0]) / radii[0]) ** 2
             + ((y - center[1]) / radii[1]) ** 2
@@ -293,7 +294,7 @@ def run_study(config: Config, out: Path, progress: bool = True) -> list[Run]:
             runs.append(_run_record("erm", "erm", seed, wd, 0.0, dice, test, seconds, {}))
             bar.update()
             for gap in variants:
-                beta = config.beta if gap is None else beta_from_pilot(pilot, gap)
+                beta = beta_from_pilot(pilot, gap) if gap is not None else float(config.beta or 0)
                 label = f"dro (beta {beta:g})" if gap is None else f"dro (gap {gap:g})"
                 start = time.perf_counter()
                 with warnings.catch_warnings(record=True) as caught:
@@ -431,6 +432,16 @@ def report(config: Config, runs: Sequence[Run]) -> str:
         f"({dro_s / erm_s:.2f}× ERM).",
         "",
     ]
+    parts += ["## Summary", ""]
+    for label in _dro_labels(runs):
+        for wd in config.weight_decays:
+            cells = []
+            for group in GROUPS:
+                for stat in ("mean", "p10"):
+                    diff = _compare(runs, label, wd, group, "foreground", stat)
+                    cells.append(f"{group} {stat}: {verdict(diff)} ({diff.describe()})")
+            parts.append(f"- {label} against ERM, wd {wd:g}: " + "; ".join(cells) + ".")
+    parts.append("")
     for structure in ("foreground", *STRUCTURES):
         title = "mean over the three structures" if structure == "foreground" else structure
         parts.append(f"## Dice: {title}")
