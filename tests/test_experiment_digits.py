@@ -100,6 +100,15 @@ def test_paired_differences() -> None:
     assert diff.positive == 1
 
 
+def test_verdict_needs_four_seeds_in_five() -> None:
+    from torchdro.experiments.report import Paired, verdict
+
+    assert verdict(Paired((0.1, 0.2, 0.1, 0.3, -0.1))) == "DRO better"
+    assert verdict(Paired((0.1, 0.2, -0.1, 0.3, -0.1))) == "no clear difference"
+    assert verdict(Paired((-0.1, -0.2, -0.1, -0.3, 0.01))) == "DRO worse"
+    assert verdict(Paired(())) == "not measured"
+
+
 def test_smoke_run_and_results_schema(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "digits"
     assert (

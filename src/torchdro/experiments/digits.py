@@ -434,7 +434,7 @@ def report(config: Config, runs: Sequence[Run]) -> str:
             if oracle and dro_worst:
                 gap = mean_std(oracle)[0] - mean_std(dro_worst)[0]
                 parts.append(
-                    f"- The oracle's worst group is {gap:+.3f} "
+                    f"- The oracle's worst group is {abs(gap):.3f} "
                     f"{'above' if gap >= 0 else 'below'} DRO's on average."
                 )
             parts.append("")
