@@ -24,6 +24,7 @@ from torchdro._validation import (
     check_positive_int,
     to_numpy,
 )
+from torchdro.distributed import RankSync, default_sync
 from torchdro.losses import beta_for_kl_radius, dro_loss
 from torchdro.tree import REMOVED, LogSumTree
 
@@ -130,6 +131,11 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             the warm-up starts, and every ``beta_update_interval`` updates if that is set.
             Until the first calibration beta is 0. Scale-free, unlike beta.
         beta_update_interval: updates between recalibrations in ``kl_radius`` mode.
+        distributed: None (default) follows ``torch.distributed``: with an initialised
+            process group of more than one rank, or a ``process_group``, the sampler becomes
+            one sampler over the whole dataset across ranks (``batch_size`` is then per rank;
+            see ``docs/distributed.md``). False keeps it local to this process.
+        process_group: the group to synchronise over; default the default group.
         min_ess_fraction: when an epoch starts and every example has been observed, a
             ``SamplerCollapseWarning`` is issued if the effective sample size 1 / sum p^2 is
             below this fraction of N (0 disables it). See ``docs/choosing-beta.md``.
@@ -166,9 +172,18 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         kl_radius: float | None = None,
         beta_update_interval: int | None = None,
         min_ess_fraction: float = 0.1,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         if (beta is None) == (kl_radius is None):
             raise TypeError("give exactly one of beta and kl_radius")
+        self._sync: RankSync | None = None
+        if distributed is not False:
+            self._sync = default_sync(process_group)
+            if distributed and self._sync is None:
+                raise ValueError("distributed=True needs an initialised torch.distributed group")
+        self.world_size = 1 if self._sync is None else self._sync.world_size
+        self.rank = 0 if self._sync is None else self._sync.rank
         if kl_radius is not None and beta_schedule is not None:
             raise TypeError("kl_radius sets beta itself; it cannot be combined with beta_schedule")
         settings = _check_settings(
@@ -186,11 +201,18 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             min_ess_fraction=min_ess_fraction,
         )
         self._apply_settings(settings)
+        if not self.replacement and self._global_batch > self.num_samples:
+            raise ValueError(
+                f"{self.world_size} ranks x batch_size {self.batch_size} exceeds num_samples "
+                f"{self.num_samples}, which sampling without replacement cannot serve"
+            )
         self.beta_schedule = beta_schedule
         if seed is None:
             seed = int(np.random.SeedSequence().entropy)  # type: ignore[arg-type]
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise TypeError(f"seed must be a non-negative int or None, got {seed!r}")
+        if self._sync is not None:
+            seed = self._sync.agree_on_seed(seed)  # one generator, advanced alike everywhere
         self.seed = seed
         self._rng = np.random.Generator(np.random.PCG64(seed))
 
@@ -204,6 +226,8 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             self._losses += constant
         else:
             self._losses = check_finite_vector(init_loss, n, "init_loss").copy()
+            if self._sync is not None:
+                self._sync.check_same(self._losses, "init_loss")
         self._last_update = np.full(n, -1, dtype=np.int64)
         self._tree = LogSumTree(self._beta * self._losses, fanout=_FANOUT, top_size=_TOP_SIZE)
         self._num_updates = 0
@@ -222,11 +246,13 @@ class HardnessWeightedSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         """Batches in the current epoch, or in the next one between epochs."""
         epoch = self._epoch if self._in_epoch else self._epoch + 1
-        if epoch < self.warmup_epochs:
-            return -(-self.num_samples // self.batch_size)
-        if self.num_batches is not None:
+        if self.num_batches is not None and epoch >= self.warmup_epochs:
             return self.num_batches
-        return -(-self.num_samples // self.batch_size)
+        return -(-self.num_samples // self._global_batch)
+
+    @property
+    def _global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         # A checkpoint's in-flight batches finish the interrupted epoch before anything new.
@@ -235,7 +261,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         while self._replay:
             batch_id, (indices, log_probs) = self._replay.popitem(last=False)
             self._remember(batch_id, indices, log_probs)
-            yield _as_batch(indices, log_probs, batch_id)
+            yield self._local_batch(indices, log_probs, batch_id)
         while self._in_epoch and self._position < len(self):
             indices, log_probs = self._next_batch()
             batch_id = self._batches_drawn
@@ -244,8 +270,15 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             if self._position == len(self):
                 self._in_epoch = False
             self._remember(batch_id, indices, log_probs)
-            yield _as_batch(indices, log_probs, batch_id)
+            yield self._local_batch(indices, log_probs, batch_id)
         self._in_epoch = False
+
+    def _local_batch(self, indices: np.ndarray, log_probs: np.ndarray, batch_id: int) -> list[int]:
+        # Every rank draws the same global batch; each keeps its own contiguous slice.
+        if self.world_size > 1:
+            part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            indices, log_probs = indices[part], log_probs[part]
+        return _as_batch(indices, log_probs, batch_id)
 
     def _start_epoch(self) -> None:
         self._epoch += 1
@@ -259,12 +292,15 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         self._check_collapse()
 
     def _next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        size = self._global_batch
         if self._epoch < self.warmup_epochs:
             order = self._warmup_order()
-            start = self._position * self.batch_size
-            indices = order[start : start + self.batch_size]
+            indices = order[self._position * size : (self._position + 1) * size]
+            if self.world_size > 1 and indices.size < size:
+                # Every rank needs a full batch: wrap around, as DistributedSampler pads.
+                indices = np.concatenate([indices, order[: size - indices.size]])
             return indices, np.full(indices.size, np.nan)
-        return self.draw(self.batch_size)
+        return self.draw(size)
 
     def _warmup_order(self) -> np.ndarray:
         # Derived from (seed, epoch) alone, so a mid-epoch resume rebuilds the same order.
@@ -364,13 +400,42 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             (float32 otherwise): ones, or with ``importance_weights`` the self-normalised
             weights p_target / p_drawn (mean 1 before clipping).
         """
+        try:
+            index_array, loss_array, drawn, batch_ids = self._parse_update(
+                indices, losses, drawn_log_probs
+            )
+        except (TypeError, ValueError, IndexError):
+            if self._sync is not None:  # the other ranks must not wait forever
+                self._sync.gather_updates(None, None, None)
+            raise
+        weights = self._weights(index_array, loss_array, drawn)
+        if self._sync is not None:
+            index_array, loss_array, rank_ids = self._sync.gather_updates(
+                index_array, loss_array, batch_ids
+            )
+            batch_ids = np.concatenate(rank_ids)
+            _check_ranks_in_step(rank_ids)
+        self._write(index_array, loss_array)
+        self._acknowledge(index_array, batch_ids)
+        if (
+            self.kl_radius is not None
+            and self.beta_update_interval is not None
+            and self._epoch >= self.warmup_epochs
+            and self._num_updates % self.beta_update_interval == 0
+        ):
+            self.calibrate_beta()
+        return _as_weight_tensor(weights, losses)
+
+    def _parse_update(
+        self, indices: Any, losses: Any, drawn_log_probs: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         batch_ids = None
         if isinstance(indices, list) and indices and isinstance(indices[0], DrawnIndex):
             indices = DrawInfo(indices, [i.log_prob for i in indices], [i.batch for i in indices])
         if isinstance(indices, DrawInfo):
             if drawn_log_probs is None:
                 drawn_log_probs = indices.log_prob
-            batch_ids = to_numpy(indices.batch)
+            batch_ids = to_numpy(indices.batch).astype(np.int64)
             indices = indices.index
         index_array = check_indices(indices, self.num_samples)
         loss_array = check_finite_vector(losses, index_array.size, "losses")
@@ -385,23 +450,15 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             drawn = drawn.astype(np.float64)
             if np.isinf(drawn).any():
                 raise ValueError("drawn_log_probs must be finite or NaN, found inf")
-        weights = self._weights(index_array, loss_array, drawn)
-        self._write(index_array, loss_array)
-        self._acknowledge(index_array, batch_ids)
-        if (
-            self.kl_radius is not None
-            and self.beta_update_interval is not None
-            and self._epoch >= self.warmup_epochs
-            and self._num_updates % self.beta_update_interval == 0
-        ):
-            self.calibrate_beta()
-        return _as_weight_tensor(weights, losses)
+        if batch_ids is not None and batch_ids.shape != index_array.shape:
+            raise ValueError("DrawInfo.batch must have one entry per index")
+        return index_array, loss_array, drawn, batch_ids
 
     def _acknowledge(self, indices: np.ndarray, batch_ids: np.ndarray | None) -> None:
         # Updated batches are no longer in flight. Without batch ids, the oldest pending
         # batch with exactly these indices is the one (in-order loaders return them as drawn).
-        if batch_ids is not None and batch_ids.size:
-            for batch_id in np.unique(batch_ids).tolist():
+        if batch_ids is not None and (batch_ids >= 0).any():
+            for batch_id in np.unique(batch_ids[batch_ids >= 0]).tolist():
                 self._pending.pop(int(batch_id), None)
             return
         for batch_id, (drawn, _) in self._pending.items():
@@ -623,6 +680,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             "position": self._position,
             "in_epoch": self._in_epoch,
             "batches_drawn": self._batches_drawn,
+            "world_size": self.world_size,
             "pending": [
                 [batch_id, torch.from_numpy(indices.copy()), torch.from_numpy(log_probs.copy())]
                 for batch_id, (indices, log_probs) in in_flight
@@ -673,6 +731,15 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         in_epoch = _check_state_bool(state["in_epoch"], "in_epoch")
         batches_drawn = _check_count(state["batches_drawn"], "state dict batches_drawn")
         replay = _check_pending(state["pending"], n, batches_drawn)
+        world_size = check_positive_int(state["world_size"], "state dict world_size")
+        if world_size != self.world_size:
+            warnings.warn(
+                f"the state dict was saved with {world_size} rank(s) and is loaded on "
+                f"{self.world_size}: training continues, but not as the same batch stream",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            replay = OrderedDict()  # in-flight batches are sized for the old world
         rng = np.random.Generator(np.random.PCG64())
         try:
             rng.bit_generator.state = dict(state["rng"])
@@ -696,7 +763,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
 _STATE_KEYS = frozenset(
     {
         "version", "settings", "seed", "losses", "last_update", "num_updates", "epoch",
-        "position", "in_epoch", "batches_drawn", "pending", "rng",
+        "position", "in_epoch", "batches_drawn", "world_size", "pending", "rng",
     }
 )  # fmt: skip
 
@@ -799,6 +866,20 @@ def _check_fraction(value: Any, name: str) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return float(value)
+
+
+def _check_ranks_in_step(rank_ids: Sequence[np.ndarray]) -> None:
+    # With DrawInfo, every rank of one step updates the same global batch; if not, the ranks'
+    # loaders are out of step (different prefetch settings, or in_order=False).
+    firsts = {int(ids[0]) for ids in rank_ids if ids.size and ids[0] >= 0}
+    if len(firsts) > 1:
+        warnings.warn(
+            f"ranks updated different global batches in one step ({sorted(firsts)}): their "
+            "DataLoaders are out of step. Tables stay identical, but each rank's batch was "
+            "not drawn from the table the others saw; see docs/distributed.md",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _as_batch(indices: np.ndarray, log_probs: np.ndarray, batch_id: int) -> list[int]:
