@@ -71,6 +71,10 @@ def scenario_stream(rank: int, tmp: Path) -> dict:
     except (IndexError, UpdateFailedOnAnotherRank) as caught:
         error = type(caught).__name__
     after = table_hash(sampler)
+    # More pairs than the batch size on one rank: the wider second gather carries them.
+    wide = np.arange(B + 4) + rank * 10 if rank == 1 else np.arange(2)
+    sampler.update(wide, np.linspace(0.0, 1.0, wide.size))
+    wide_hash = table_hash(sampler)
     # Resume from rank 0's checkpoint on every rank.
     resumed = HardnessWeightedSampler(N, B, beta=1.0, seed=99)
     resumed.load_state_dict(torch.load(tmp / "state.pt", weights_only=True))
@@ -90,6 +94,8 @@ def scenario_stream(rank: int, tmp: Path) -> dict:
         "weights": weights,
         "error": error,
         "unchanged": before == after,
+        "wide_hash": wide_hash,
+        "wide_table": sampler.losses[[0, 1, 10, 16]].tolist(),
         "tail": tail,
         "seed": sampler.seed,
     }
@@ -215,6 +221,8 @@ def test_one_global_stream_identical_tables_and_resume(tmp_path: Path) -> None:
     # Bad input on one rank: both raise, neither hangs, no table changes.
     assert first["error"] == "UpdateFailedOnAnotherRank" and second["error"] == "IndexError"
     assert first["unchanged"] and second["unchanged"]
+    assert first["wide_hash"] == second["wide_hash"]
+    assert first["wide_table"][:2] == [0.0, 1.0] and first["wide_table"][2] == 0.0
     # A checkpoint saved on rank 0 and loaded everywhere resumes the same global stream.
     assert first["tail"] == first["batches"][10:] and second["tail"] == second["batches"][10:]
 

@@ -19,3 +19,17 @@ def test_plain_pytorch_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert (tmp_path / "sampler.png").stat().st_size > 10_000
     assert 0.5 < result["accuracy_normal"] <= 1.0
     assert 0 < result["effective_sample_size"] <= 898
+
+
+def test_ddp_example_with_torchrun(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(EXAMPLES / "train_ddp.py"), "--epochs", "2",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(identical)" in done.stdout and "2 ranks, per-rank batch 16" in done.stdout

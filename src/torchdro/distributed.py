@@ -69,15 +69,23 @@ class RankSync:
             raise ValueError(f"{what} differs across ranks: every rank must pass the same")
 
     def gather_updates(
-        self, indices: np.ndarray | None, losses: np.ndarray | None, batches: np.ndarray | None
+        self,
+        indices: np.ndarray | None,
+        losses: np.ndarray | None,
+        batches: np.ndarray | None,
+        width: int,
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """All ranks' (index, loss) pairs in rank order, and each rank's batch ids.
 
-        ``indices is None`` signals that this rank's input was rejected: every rank then
-        raises (this one with its own error, raised by the caller afterwards).
+        One all-gather of a (1 + 3 * width) float64 buffer when every rank has at most
+        ``width`` pairs (the per-rank batch size), a second, wider one otherwise. Indices and
+        batch ids below 2**53 are exact in float64. ``indices is None`` signals that this
+        rank's input was rejected: every rank then raises (this one with its own error,
+        raised by the caller afterwards).
         """
         count = -1 if indices is None else int(indices.size)
-        counts = [int(c) for c in self._all_gather(torch.tensor([count], dtype=torch.int64))]
+        parts = self._all_gather(self._pack(indices, losses, batches, count, width))
+        counts = [int(part[0]) for part in parts]
         if count < 0:
             return np.empty(0, np.int64), np.empty(0), []
         failed = [rank for rank, c in enumerate(counts) if c < 0]
@@ -85,16 +93,28 @@ class RankSync:
             raise UpdateFailedOnAnotherRank(
                 f"update rejected its input on rank(s) {failed}; nothing was written on any rank"
             )
-        assert indices is not None and losses is not None
-        width = max(counts)
-        ids = batches if batches is not None else np.full(count, -1, dtype=np.int64)
-        # Indices and batch ids below 2**53 are exact in float64, so one buffer carries all.
-        buffer = torch.zeros(3, width, dtype=torch.float64)
-        buffer[0, :count] = torch.from_numpy(indices.astype(np.float64))
-        buffer[1, :count] = torch.from_numpy(losses)
-        buffer[2, :count] = torch.from_numpy(ids.astype(np.float64))
-        parts = self._all_gather(buffer)
-        all_indices = np.concatenate([p[0, :c].numpy() for p, c in zip(parts, counts, strict=True)])
-        all_losses = np.concatenate([p[1, :c].numpy() for p, c in zip(parts, counts, strict=True)])
-        batch_ids = [p[2, :c].numpy().astype(np.int64) for p, c in zip(parts, counts, strict=True)]
-        return all_indices.astype(np.int64), all_losses, batch_ids
+        if max(counts) > width:
+            width = max(counts)
+            parts = self._all_gather(self._pack(indices, losses, batches, count, width))
+        rows = [part[1:].view(3, -1)[:, :c].numpy() for part, c in zip(parts, counts, strict=True)]
+        all_indices = np.concatenate([row[0] for row in rows]).astype(np.int64)
+        all_losses = np.concatenate([row[1] for row in rows])
+        return all_indices, all_losses, [row[2].astype(np.int64) for row in rows]
+
+    @staticmethod
+    def _pack(
+        indices: np.ndarray | None,
+        losses: np.ndarray | None,
+        batches: np.ndarray | None,
+        count: int,
+        width: int,
+    ) -> torch.Tensor:
+        buffer = torch.zeros(1 + 3 * width, dtype=torch.float64)
+        buffer[0] = count
+        if indices is not None and losses is not None and 0 <= count <= width:
+            rows = buffer[1:].view(3, width)
+            rows[0, :count] = torch.from_numpy(indices.astype(np.float64))
+            rows[1, :count] = torch.from_numpy(losses)
+            ids = batches if batches is not None else np.full(count, -1)
+            rows[2, :count] = torch.from_numpy(ids.astype(np.float64))
+        return buffer

@@ -406,12 +406,12 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             )
         except (TypeError, ValueError, IndexError):
             if self._sync is not None:  # the other ranks must not wait forever
-                self._sync.gather_updates(None, None, None)
+                self._sync.gather_updates(None, None, None, self.batch_size)
             raise
         weights = self._weights(index_array, loss_array, drawn)
         if self._sync is not None:
             index_array, loss_array, rank_ids = self._sync.gather_updates(
-                index_array, loss_array, batch_ids
+                index_array, loss_array, batch_ids, self.batch_size
             )
             batch_ids = np.concatenate(rank_ids)
             _check_ranks_in_step(rank_ids)
