@@ -9,7 +9,8 @@ any single case, and writing it into the table would blur every case's hardness.
 from __future__ import annotations
 
 import math
-from typing import Generic, TypeVar
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +37,28 @@ class IndexedDataset(Dataset[tuple[T, DrawInfo]], Generic[T]):
     the ``DrawInfo`` into three tensors of shape (B,), which ``sampler.update`` accepts as
     is. This is what keeps updates and importance weights right when DataLoader workers
     prefetch batches.
+
+    With ``key``, for datasets of dicts (MONAI's style), the ``DrawInfo`` goes into a copy of
+    each item's dict under that key instead.
     """
 
-    def __init__(self, dataset: Dataset[T]) -> None:
+    def __init__(self, dataset: Dataset[T], key: str | None = None) -> None:
         self.dataset = dataset
+        self.key = key
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[T, DrawInfo]:
+    def __getitem__(self, index: int) -> Any:
         log_prob = float(getattr(index, "log_prob", math.nan))
         batch = int(getattr(index, "batch", -1))
-        return self.dataset[int(index)], DrawInfo(int(index), log_prob, batch)
+        item = self.dataset[int(index)]
+        draw = DrawInfo(int(index), log_prob, batch)
+        if self.key is None:
+            return item, draw
+        if not isinstance(item, Mapping):
+            raise TypeError(f"IndexedDataset(key={self.key!r}) needs dict items, got {type(item)}")
+        return {**item, self.key: draw}
 
 
 def per_example_mean(loss: torch.Tensor) -> torch.Tensor:

@@ -426,6 +426,16 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             self.calibrate_beta()
         return _as_weight_tensor(weights, losses)
 
+    def weights(self, indices: Any, losses: Any, drawn_log_probs: Any = None) -> torch.Tensor:
+        """The importance weights ``update`` would return, without writing anything.
+
+        For frameworks that must form the weighted loss before the table is updated (the
+        Lightning and MONAI adapters). Same arguments and result as ``update``; local to
+        this rank, no communication.
+        """
+        index_array, loss_array, drawn, _ = self._parse_update(indices, losses, drawn_log_probs)
+        return _as_weight_tensor(self._weights(index_array, loss_array, drawn), losses)
+
     def _parse_update(
         self, indices: Any, losses: Any, drawn_log_probs: Any
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
