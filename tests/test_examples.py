@@ -33,3 +33,22 @@ def test_ddp_example_with_torchrun(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(identical)" in done.stdout and "2 ranks, per-rank batch 16" in done.stdout
+
+
+def _run_example(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    return runpy.run_path(str(EXAMPLES / name))["main"](argv)
+
+
+def test_lightning_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("lightning")
+    pytest.importorskip("sklearn")
+    result = _run_example("train_lightning.py", ["--epochs", "3"], monkeypatch)
+    assert 0.5 < result["accuracy_normal"] <= 1.0
+
+
+def test_monai_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("monai")
+    pytest.importorskip("ignite")
+    result = _run_example("train_monai.py", ["--epochs", "3"], monkeypatch)
+    assert 0.0 < result["rare_mass"] < 1.0
