@@ -310,3 +310,17 @@ def test_state_dict_holds_only_tensors_and_plain_values() -> None:
 
     assert plain(state)
     assert state["version"] == 1
+
+
+def test_core_imports_no_optional_framework() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torchdro\n"
+        "heavy = {'lightning', 'monai', 'ignite', 'sklearn', 'matplotlib', 'tensorboard',"
+        " 'torchdata', 'torchdro.integrations', 'torchdro.experiments'}\n"
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
