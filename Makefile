@@ -1,24 +1,37 @@
 # Two entry points, each doing all of its own set-up on a fresh machine:
 #   make run    install, then run the main job (the digits ERM-vs-DRO study)
-#   make test   install, then run ruff and the whole test suite
-# Also: make seg3d (the 3D segmentation study, ~15 min), make bench (sampler speed).
-# pip and a venv only: uv and poetry would skip the local torch wheel and download gigabytes.
+#   make test   install, then run ruff and the whole test suite (nnU-Net included)
+# Also: make seg3d (the 3D segmentation study, ~9 min), make bench (sampler speed).
+# pip and venvs only: uv and poetry would skip the local torch wheels and download gigabytes.
+# Two venvs: the studies run on the CPU build of torch 2.13; the tests also cover nnU-Net v2,
+# whose torchvision needs torch 2.14.1 (a CUDA build, which runs on the CPU as well).
 
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build; override (e.g. TORCH=torch) to take another build of torch.
 TORCH ?= torch==2.13.0
+TEST_VENV ?= .venv-test
+TEST_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
 PY := $(VENV)/bin/python
+TEST_PY := $(TEST_VENV)/bin/python
 STAMP := $(VENV)/.torchdro-installed
+TEST_STAMP := $(TEST_VENV)/.torchdro-installed
 
 .PHONY: install run test bench seg3d clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[experiments,seg3d,bench]"
 	touch $(STAMP)
+
+$(TEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TEST_PY) -m pip install --quiet --upgrade pip
+	$(TEST_PY) -m pip install --quiet $(TEST_TORCH)
+	$(TEST_PY) -m pip install --quiet -e ".[test,nnunet]"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -31,10 +44,10 @@ seg3d: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_sampler --out results/benchmark.json
 
-test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src tests benchmarks examples
-	$(PY) -m pytest -q
+test: $(TEST_STAMP)
+	$(TEST_PY) -m ruff check src tests benchmarks examples
+	$(TEST_PY) -m ruff format --check src tests benchmarks examples
+	$(TEST_PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(TEST_VENV) results .pytest_cache .ruff_cache .hypothesis

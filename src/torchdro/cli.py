@@ -38,6 +38,32 @@ def _seg3d(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nnunet(args: argparse.Namespace, rest: list[str]) -> int:
+    import os
+    import shutil
+    import subprocess
+
+    from torchdro.integrations.nnunet_env import TRAINER_FOLDER, settings_environment
+
+    env = dict(os.environ)
+    folders = [TRAINER_FOLDER, *filter(None, env.get("nnUNet_extTrainer", "").split(os.pathsep))]
+    env["nnUNet_extTrainer"] = os.pathsep.join(dict.fromkeys(folders))
+    if args.action == "env":
+        print(f"export nnUNet_extTrainer={env['nnUNet_extTrainer']}")
+        return 0
+    tool = {"train": "nnUNetv2_train", "predict": "nnUNetv2_predict"}[args.action]
+    beside = Path(sys.executable).with_name(tool)  # the same environment as this Python
+    executable = str(beside) if beside.exists() else shutil.which(tool)
+    if executable is None:
+        raise SystemExit(f"{tool} not found: pip install torchdro[nnunet]")
+    command = [executable, *rest]
+    if "-tr" not in rest:
+        command += ["-tr", args.trainer]
+    if args.action == "train":
+        env.update(settings_environment(beta=args.beta, importance_weights=args.importance_weights))
+    return subprocess.run(command, env=env, check=False).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchdro", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,11 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--test-per-group", type=int, help="test cases per subgroup (default 40)")
     seg.add_argument("--size", type=int, help="volume side in voxels (default 24)")
     seg.set_defaults(run=_seg3d)
+
+    nnunet = commands.add_parser(
+        "nnunet",
+        help="nnU-Net v2 with hardness weighted sampling (arguments after the action go to "
+        "nnUNetv2_train / nnUNetv2_predict)",
+    )
+    nnunet.add_argument("action", choices=("train", "predict", "env"))
+    nnunet.add_argument("--trainer", default="nnUNetTrainerDRO", help="a torchdro trainer variant")
+    nnunet.add_argument("--beta", type=float, help="overrides the variant's beta (default 100)")
+    nnunet.add_argument("--importance-weights", action="store_true", default=None)
+    nnunet.set_defaults(run=None)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "nnunet":
+        return _nnunet(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.run(args))
 
 

@@ -8,6 +8,7 @@ KL-DRO loss (1/beta) * log mean exp(beta * loss). Derivations are in ``docs/theo
 from __future__ import annotations
 
 import math
+import multiprocessing
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -136,6 +137,9 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             one sampler over the whole dataset across ranks (``batch_size`` is then per rank;
             see ``docs/distributed.md``). False keeps it local to this process.
         process_group: the group to synchronise over; default the default group.
+        shared_table: keep the loss table in shared memory, so that processes forked after
+            construction (data-loading workers) read every update; they call ``refresh()``
+            before drawing. Used by the nnU-Net trainer.
         min_ess_fraction: when an epoch starts and every example has been observed, a
             ``SamplerCollapseWarning`` is issued if the effective sample size 1 / sum p^2 is
             below this fraction of N (0 disables it). See ``docs/choosing-beta.md``.
@@ -174,6 +178,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         min_ess_fraction: float = 0.1,
         distributed: bool | None = None,
         process_group: Any = None,
+        shared_table: bool = False,
     ) -> None:
         if (beta is None) == (kl_radius is None):
             raise TypeError("give exactly one of beta and kl_radius")
@@ -217,15 +222,19 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         self._rng = np.random.Generator(np.random.PCG64(seed))
 
         n = self.num_samples
+        if shared_table:
+            self._losses = np.frombuffer(multiprocessing.RawArray("d", n), dtype=np.float64)
+        else:
+            self._losses = np.empty(n)
         if isinstance(init_loss, (int, float)) and not isinstance(init_loss, bool):
             constant = float(init_loss)
             if not math.isfinite(constant):
                 raise ValueError(f"init_loss must be finite, got {constant}")
-            self._losses = self._rng.random(n)
+            self._losses[:] = self._rng.random(n)
             self._losses *= _INIT_NOISE * max(1.0, abs(constant))
             self._losses += constant
         else:
-            self._losses = check_finite_vector(init_loss, n, "init_loss").copy()
+            self._losses[:] = check_finite_vector(init_loss, n, "init_loss")
             if self._sync is not None:
                 self._sync.check_same(self._losses, "init_loss")
         self._last_update = np.full(n, -1, dtype=np.int64)
@@ -345,6 +354,15 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         else:
             indices, log_total = self._draw_distinct(count)
         return indices, self._tree.leaf_logits(indices) - log_total
+
+    def refresh(self) -> None:
+        """Rebuild the tree from the table, O(N): for a process that shares the table
+        (``shared_table=True``) but not the tree, such as a forked data-loading worker."""
+        self._tree.rebuild(self._beta * self._losses)
+
+    def reseed(self, *entropy: int) -> None:
+        """Give this copy of the sampler its own generator, e.g. one per worker process."""
+        self._rng = np.random.Generator(np.random.PCG64([self.seed, *entropy]))
 
     def _uniforms(self, count: int) -> np.ndarray:
         return self._rng.random((self._tree.depth + 1, count))
@@ -759,7 +777,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         tree = LogSumTree(settings["beta"] * losses, fanout=_FANOUT, top_size=_TOP_SIZE)
         self._apply_settings(settings)
         self.seed = seed
-        self._losses = losses
+        self._losses[:] = losses  # in place: a shared table stays shared
         self._last_update = last_update.astype(np.int64, copy=True)
         self._tree, self._rng = tree, rng
         self._num_updates, self._epoch = num_updates, epoch
