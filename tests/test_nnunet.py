@@ -103,3 +103,19 @@ def test_nnunet_trainer_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert cli_main(argv) == 0
     prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "test000.nii.gz")))
     assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1, 2, 3}
+
+
+def test_fine_tuning_restores_the_cases_both_datasets_share() -> None:
+    from torchdro import HardnessWeightedSampler
+    from torchdro.integrations.nnunet import nnUNetTrainerDRO
+
+    old = HardnessWeightedSampler(3, 2, beta=1.0, init_loss=[0.5, 0.7, 0.9])
+    saved = {"case_names": ["a", "b", "c"], "sampler": old.state_dict(), "drawn_cases": ["a"]}
+    trainer = nnUNetTrainerDRO.__new__(nnUNetTrainerDRO)  # only the restore logic is tested
+    trainer.case_names = ["c", "x", "a"]
+    trainer.batch_size = 2
+    trainer.sampler = HardnessWeightedSampler(3, 2, beta=1.0, init_loss=[9.0, 9.0, 9.0])
+    trainer.print_to_log_file = lambda *args, **kwargs: None
+    trainer._apply_restored(saved)
+    assert trainer.sampler.losses.tolist() == [0.9, 9.0, 0.5]
+    assert trainer.drawn_cases == ["a"]

@@ -61,6 +61,10 @@ def _nnunet(args: argparse.Namespace, rest: list[str]) -> int:
         command += ["-tr", args.trainer]
     if args.action == "train":
         env.update(settings_environment(beta=args.beta, importance_weights=args.importance_weights))
+        if "-pretrained_weights" in rest:  # fine-tuning: start from the pretrained run's table
+            sidecar = Path(rest[rest.index("-pretrained_weights") + 1] + ".torchdro")
+            if sidecar.exists():
+                env.update(settings_environment(restore_from=str(sidecar)))
     return subprocess.run(command, env=env, check=False).returncode
 
 

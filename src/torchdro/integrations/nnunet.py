@@ -54,6 +54,7 @@ class DROSettings:
     num_epochs: int = 0  # 0 keeps nnU-Net's; for smoke tests
     iterations_per_epoch: int = 0  # 0 keeps nnU-Net's; for smoke tests
     skip_final_validation: bool = False  # for smoke tests: nnU-Net's CPU validation is slow
+    restore_from: str = ""  # a sidecar to take the table from (fine-tuning); set by the CLI
 
     @classmethod
     def resolve(cls, defaults: dict[str, Any]) -> DROSettings:
@@ -62,7 +63,9 @@ class DROSettings:
             raw = os.environ.get(f"TORCHDRO_{item.name.upper()}")
             if raw is None:
                 continue
-            if item.type in ("bool", bool):
+            if item.type in ("str", str):
+                values[item.name] = raw
+            elif item.type in ("bool", bool):
                 values[item.name] = raw.strip().lower() in ("1", "true", "yes")
             elif item.type in ("int", int):
                 values[item.name] = int(raw)
@@ -179,6 +182,8 @@ class nnUNetTrainerDRO(nnUNetTrainer):
             momentum=self.dro.momentum, importance_weights=self.dro.importance_weights,
             seed=self.dro.seed, shared_table=True, distributed=False,
         )  # fmt: skip
+        if self._restored is None and self.dro.restore_from:
+            self._restored = torch.load(self.dro.restore_from, weights_only=True)
         if self._restored is not None:
             self._apply_restored(self._restored)
         loader.__class__ = _hardness_class(type(loader))
