@@ -48,7 +48,6 @@ class DROSettings:
     momentum: float = 0.0
     init_loss: float = 2.0  # above nnU-Net's Dice + CE at the start, as in the paper
     replacement: bool = True
-    warmup_epochs: int = 0
     seed: int = 0
     num_cached: int = 0  # augmenter queue length; 0 keeps nnU-Net's default
     num_epochs: int = 0  # 0 keeps nnU-Net's; for smoke tests
