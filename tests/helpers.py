@@ -39,3 +39,9 @@ def chi_square_pvalue(counts: np.ndarray, probabilities: np.ndarray) -> float:
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max())
     return z / z.sum()
+
+
+def endless_batches(sampler):
+    """The sampler's batches, epoch after epoch, as a training loop would see them."""
+    while True:
+        yield from sampler

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchdro import HardnessWeightedSampler, IndexedDataset
 from torchdro.distributed import UpdateFailedOnAnotherRank
 
-from helpers import ALPHA, chi_square_pvalue, softmax
+from helpers import ALPHA, chi_square_pvalue, endless_batches, softmax
 
 WORLD = 2
 N = 40
@@ -49,13 +49,7 @@ def scenario_stream(rank: int, tmp: Path) -> dict:
     )
     assert sampler.world_size == WORLD and len(sampler) == -(-N // (B * WORLD))
     batches, hashes, weights = [], [], []
-    iterator = iter(sampler)
-    for step in range(20):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            iterator = iter(sampler)
-            batch = next(iterator)
+    for step, batch in zip(range(20), endless_batches(sampler), strict=False):
         weights.append(sampler.update(batch, loss_of(torch.tensor(batch), step)).tolist())
         batches.append(list(batch))
         hashes.append(table_hash(sampler))
@@ -79,13 +73,7 @@ def scenario_stream(rank: int, tmp: Path) -> dict:
     resumed = HardnessWeightedSampler(N, B, beta=1.0, seed=99)
     resumed.load_state_dict(torch.load(tmp / "state.pt", weights_only=True))
     tail = []
-    iterator = iter(resumed)
-    for step in range(10, 20):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            iterator = iter(resumed)
-            batch = next(iterator)
+    for step, batch in zip(range(10, 20), endless_batches(resumed), strict=False):
         resumed.update(batch, loss_of(torch.tensor(batch), step))
         tail.append(list(batch))
     return {
@@ -149,13 +137,7 @@ def train_small_model(batch: int, rank: int | None) -> list[float]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = HardnessWeightedSampler(N, batch, beta=2.0, seed=3, init_loss=1.0)
     trajectory = []
-    iterator = iter(sampler)
-    for _ in range(30):
-        try:
-            index = next(iterator)
-        except StopIteration:
-            iterator = iter(sampler)
-            index = next(iterator)
+    for _, index in zip(range(30), endless_batches(sampler), strict=False):
         losses = torch.nn.functional.cross_entropy(
             model(x[index].double()), y[index], reduction="none"
         )
@@ -206,13 +188,7 @@ def test_one_global_stream_identical_tables_and_resume(tmp_path: Path) -> None:
     single = HardnessWeightedSampler(
         N, B * WORLD, beta=3.0, seed=0, importance_weights=True, init_loss=INIT
     )
-    iterator = iter(single)
-    for step in range(20):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            iterator = iter(single)
-            batch = next(iterator)
+    for step, batch in zip(range(20), endless_batches(single), strict=False):
         assert list(batch) == first["batches"][step] + second["batches"][step]
         single.update(batch, loss_of(torch.tensor(batch), step))
         assert table_hash(single) == first["hashes"][step]
