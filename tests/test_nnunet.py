@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 pytest.importorskip("nnunetv2")
 sitk = pytest.importorskip("SimpleITK")
@@ -75,12 +74,17 @@ def test_nnunet_trainer_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     first = _sidecar(results)
     drawn = first["drawn_cases"]
     assert len(drawn) == 3 * 10 * 2  # epochs x iterations x nnU-Net's batch size of 2
-    # Uniform sampling draws the hard case Binomial(60, 1/8) times (mean 7.5); we require a
-    # count whose probability under uniform sampling is below 1e-4 (that is, >= 18). The
-    # first ~5 batches sweep the unseen cases and the augmenter's queue delays every update
-    # by a few batches, yet the trainer drew it 13-16 times in 40 draws in trial runs.
-    count = Counter(drawn)[HARD]
-    assert stats.binom.sf(count - 1, len(drawn), 1 / 8) < 1e-4, Counter(drawn)
+    # End-to-end non-uniformity, from what the workers drew. Each draw carries p_t, the
+    # probability its case had under the table the worker drew from. Were cases drawn
+    # uniformly (whatever the table), E[p_t | past] = 1/8, and p_t - 1/8 would be martingale
+    # differences in [-1/8, 7/8]: by Azuma-Hoeffding, P(mean p >= 1/8 + t) <= exp(-2 n t^2).
+    # We require that bound below 1e-6. (Counting the deliberately hard case alone is weaker:
+    # it is the hardest only part of the time, as the network partly memorises its labels,
+    # and it was drawn 13-16 times in 40 in trial runs, against 5 expected.)
+    p = np.exp(first["drawn_log_probs"].numpy())
+    assert p.size == len(drawn)
+    t = p.mean() - 1 / 8
+    assert t > 0 and np.exp(-2 * p.size * t**2) < 1e-6, (p.mean(), Counter(drawn))
     # Every case trained on has its per-case loss in the table, keyed by name.
     state = first["sampler"]
     trained = {name for name, step in zip(first["case_names"], state["last_update"].tolist(),

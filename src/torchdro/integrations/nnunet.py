@@ -209,14 +209,23 @@ class nnUNetTrainerDRO(nnUNetTrainer):
         assert self.sampler is not None and isinstance(self.loss, _PerCaseLoss)
         assert self.loss.per_case is not None
         self.sampler.update(batch["torchdro_index"], self.loss.per_case, batch["torchdro_log_prob"])
-        self.drawn_cases.extend(batch["keys"])
+        self.drawn_cases.extend(str(key) for key in batch["keys"])
+        self.drawn_log_probs.extend(np.asarray(batch["torchdro_log_prob"], dtype=float).tolist())
         return result
 
     @property
     def drawn_cases(self) -> list[str]:
+        """Every case trained on so far, in order (kept in the checkpoints' sidecars)."""
         if not hasattr(self, "_drawn_cases"):
             self._drawn_cases: list[str] = []
         return self._drawn_cases
+
+    @property
+    def drawn_log_probs(self) -> list[float]:
+        """log p of each drawn case at its draw, in the order of ``drawn_cases``."""
+        if not hasattr(self, "_drawn_log_probs"):
+            self._drawn_log_probs: list[float] = []
+        return self._drawn_log_probs
 
     def on_epoch_end(self) -> None:
         if self.sampler is not None:
@@ -249,6 +258,7 @@ class nnUNetTrainerDRO(nnUNetTrainer):
                 "case_names": self.case_names,
                 "sampler": self.sampler.state_dict(),
                 "drawn_cases": list(self.drawn_cases),
+                "drawn_log_probs": torch.tensor(self.drawn_log_probs, dtype=torch.float64),
             }
             torch.save(state, filename + SIDECAR_SUFFIX)
 
@@ -276,6 +286,8 @@ class nnUNetTrainerDRO(nnUNetTrainer):
                 self.sampler.update(mine, state["losses"].numpy()[theirs])
             self.print_to_log_file(f"torchdro: restored the losses of {len(shared)} cases")
         self.drawn_cases.extend(saved.get("drawn_cases", []))
+        if "drawn_log_probs" in saved:
+            self.drawn_log_probs.extend(saved["drawn_log_probs"].tolist())
         self._restored = None
 
 
