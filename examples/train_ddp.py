@@ -43,7 +43,9 @@ def main() -> None:
     sampler = HardnessWeightedSampler(
         len(train), 32 // world, beta=args.beta, importance_weights=True, seed=args.seed
     )
-    loader = DataLoader(IndexedDataset(train), batch_sampler=sampler, num_workers=1)
+    loader = DataLoader(
+        IndexedDataset(train), batch_sampler=sampler, num_workers=1, persistent_workers=True
+    )
 
     for _ in range(args.epochs):
         for (inputs, targets), draw in loader:
@@ -67,6 +69,7 @@ def main() -> None:
             f"inverted {correct[inverted].float().mean():.3f}; "
             f"ESS {sampler.effective_sample_size():.0f} of {len(train)}"
         )
+    dist.barrier()  # no rank tears down gloo while another is still talking to it
     dist.destroy_process_group()
 
 
