@@ -50,6 +50,7 @@ def _rank(rank: int, size: int, batch: int, steps: int, folder: str) -> None:
     sampler = HardnessWeightedSampler(size, batch, beta=1.0, seed=0, num_batches=10**9)
     dist.barrier()
     (path / f"{rank}.txt").write_text(str(time_steps(sampler, steps, batch)))
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -164,6 +164,7 @@ def _worker(rank: int, name: str, tmp: str) -> None:
     )
     try:
         torch.save(SCENARIOS[name](rank, path), path / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears down gloo while another is still talking to it
     finally:
         dist.destroy_process_group()
 
