@@ -78,20 +78,23 @@ def test_nnunet_trainer_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # probability its case had under the table the worker drew from. Were cases drawn
     # uniformly (whatever the table), E[p_t | past] = 1/8, and p_t - 1/8 would be martingale
     # differences in [-1/8, 7/8]: by Azuma-Hoeffding, P(mean p >= 1/8 + t) <= exp(-2 n t^2).
-    # We require that bound below 1e-6. (Counting the deliberately hard case alone is weaker:
+    # We require that bound below 1e-5 (mean p above 0.435); runs gave 0.66 and 0.71. (Counting the deliberately hard case alone is weaker:
     # it is the hardest only part of the time, as the network partly memorises its labels,
     # and it was drawn 13-16 times in 40 in trial runs, against 5 expected.)
     p = np.exp(first["drawn_log_probs"].numpy())
     assert p.size == len(drawn)
     t = p.mean() - 1 / 8
-    assert t > 0 and np.exp(-2 * p.size * t**2) < 1e-6, (p.mean(), Counter(drawn))
+    assert t > 0 and np.exp(-2 * p.size * t**2) < 1e-5, (p.mean(), Counter(drawn))
     # Every case trained on has its per-case loss in the table, keyed by name.
     state = first["sampler"]
     trained = {name for name, step in zip(first["case_names"], state["last_update"].tolist(),
                                           strict=True) if step >= 0}  # fmt: skip
     assert trained == set(drawn)
-    losses = dict(zip(first["case_names"], state["losses"].tolist(), strict=True))
-    assert max(losses, key=losses.get) == HARD and state["num_updates"] == 30
+    # (Not "the hard case holds the largest loss": a case not drawn for a while keeps an
+    # early, high stale loss, which is exactly what makes it drawn again.)
+    assert state["num_updates"] == 30
+    written = state["losses"].numpy()[state["last_update"].numpy() >= 0]
+    assert (np.abs(written - 2.0) > 1e-5).all()  # real losses, not the initial 2.0 + noise
 
     # Continuing training (--c) restores the table and goes on from it.
     monkeypatch.setenv("TORCHDRO_NUM_EPOCHS", "4")
