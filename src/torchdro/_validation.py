@@ -73,3 +73,52 @@ def check_finite_vector(values: Any, length: int | None, name: str) -> np.ndarra
     if not np.isfinite(array).all():
         raise ValueError(f"{name} must be finite, found NaN or inf")
     return array
+
+
+def check_momentum(momentum: Any) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    value = float(momentum)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {value}")
+    return value
+
+
+def check_clip(clip: Any) -> tuple[float, float] | None:
+    if clip is None:
+        return None
+    try:
+        low, high = (float(v) for v in clip)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"clip_weights must be a pair (low, high), got {clip!r}") from error
+    if not 0.0 <= low <= 1.0 <= high:
+        raise ValueError(f"clip_weights must satisfy 0 <= low <= 1 <= high, got {clip!r}")
+    return (low, high)
+
+
+def check_fraction(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def check_state_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"state dict {name} must be a bool, got {value!r}")
+    return value
+
+
+def check_count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value

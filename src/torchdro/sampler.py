@@ -20,9 +20,15 @@ from torch.utils.data import Sampler
 
 from torchdro._validation import (
     check_beta,
+    check_clip,
+    check_count,
     check_finite_vector,
+    check_flag,
+    check_fraction,
     check_indices,
+    check_momentum,
     check_positive_int,
+    check_state_bool,
     to_numpy,
 )
 from torchdro.distributed import RankSync, default_sync
@@ -744,7 +750,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             raise ValueError(f"state dict seed must be a non-negative int, got {seed!r}")
         losses = check_finite_vector(state["losses"], n, "state dict losses").copy()
         last_update = to_numpy(state["last_update"])
-        num_updates = _check_count(state["num_updates"], "state dict num_updates")
+        num_updates = check_count(state["num_updates"], "state dict num_updates")
         if (
             last_update.shape != (n,)
             or not np.issubdtype(last_update.dtype, np.integer)
@@ -755,9 +761,9 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         epoch = state["epoch"]
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < -1:
             raise ValueError(f"state dict epoch must be an int >= -1, got {epoch!r}")
-        position = _check_count(state["position"], "state dict position")
-        in_epoch = _check_state_bool(state["in_epoch"], "in_epoch")
-        batches_drawn = _check_count(state["batches_drawn"], "state dict batches_drawn")
+        position = check_count(state["position"], "state dict position")
+        in_epoch = check_state_bool(state["in_epoch"], "in_epoch")
+        batches_drawn = check_count(state["batches_drawn"], "state dict batches_drawn")
         replay = _check_pending(state["pending"], n, batches_drawn)
         world_size = check_positive_int(state["world_size"], "state dict world_size")
         if world_size != self.world_size:
@@ -814,7 +820,7 @@ def _check_settings(
     """Validate every setting; the one place both the constructor and a checkpoint use."""
     num_samples = check_positive_int(num_samples, "num_samples")
     batch_size = check_positive_int(batch_size, "batch_size")
-    replacement = _check_flag(replacement, "replacement")
+    replacement = check_flag(replacement, "replacement")
     if not replacement and batch_size > num_samples:
         raise ValueError(
             f"batch_size {batch_size} exceeds num_samples {num_samples}, "
@@ -826,19 +832,19 @@ def _check_settings(
         "beta": check_beta(beta),
         "kl_radius": None if kl_radius is None else check_beta(kl_radius, "kl_radius"),
         "replacement": replacement,
-        "momentum": _check_momentum(momentum),
-        "importance_weights": _check_flag(importance_weights, "importance_weights"),
-        "clip_weights": _check_clip(clip_weights),
+        "momentum": check_momentum(momentum),
+        "importance_weights": check_flag(importance_weights, "importance_weights"),
+        "clip_weights": check_clip(clip_weights),
         "num_batches": None
         if num_batches is None
         else check_positive_int(num_batches, "num_batches"),
-        "warmup_epochs": _check_count(warmup_epochs, "warmup_epochs"),
+        "warmup_epochs": check_count(warmup_epochs, "warmup_epochs"),
         "beta_update_interval": (
             None
             if beta_update_interval is None
             else check_positive_int(beta_update_interval, "beta_update_interval")
         ),
-        "min_ess_fraction": _check_fraction(min_ess_fraction, "min_ess_fraction"),
+        "min_ess_fraction": check_fraction(min_ess_fraction, "min_ess_fraction"),
     }
 
 
@@ -867,35 +873,6 @@ def _check_pending(
     return OrderedDict(sorted(replay.items()))
 
 
-def _check_momentum(momentum: Any) -> float:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-    value = float(momentum)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {value}")
-    return value
-
-
-def _check_clip(clip: Any) -> tuple[float, float] | None:
-    if clip is None:
-        return None
-    try:
-        low, high = (float(v) for v in clip)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"clip_weights must be a pair (low, high), got {clip!r}") from error
-    if not 0.0 <= low <= 1.0 <= high:
-        raise ValueError(f"clip_weights must satisfy 0 <= low <= 1 <= high, got {clip!r}")
-    return (low, high)
-
-
-def _check_fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
-
-
 def _check_ranks_in_step(rank_ids: Sequence[np.ndarray]) -> None:
     # With DrawInfo, every rank of one step updates the same global batch; if not, the ranks'
     # loaders are out of step (different prefetch settings, or in_order=False).
@@ -915,26 +892,6 @@ def _as_batch(indices: np.ndarray, log_probs: np.ndarray, batch_id: int) -> list
         DrawnIndex(i, p, batch_id)
         for i, p in zip(indices.tolist(), log_probs.tolist(), strict=True)
     ]
-
-
-def _check_flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
-
-
-def _check_state_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"state dict {name} must be a bool, got {value!r}")
-    return value
-
-
-def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
 
 
 def _as_weight_tensor(weights: np.ndarray, like: Any) -> torch.Tensor:
