@@ -123,6 +123,7 @@ def test_fine_tuning_restores_the_cases_both_datasets_share() -> None:
     trainer.batch_size = 2
     trainer.sampler = HardnessWeightedSampler(3, 2, beta=1.0, init_loss=[9.0, 9.0, 9.0])
     trainer.print_to_log_file = lambda *args, **kwargs: None
+    trainer.drawn_cases, trainer.drawn_log_probs = [], []
     trainer._apply_restored(saved)
     assert trainer.sampler.losses.tolist() == [0.9, 9.0, 0.5]
     assert trainer.drawn_cases == ["a"]

@@ -324,3 +324,20 @@ def test_core_imports_no_optional_framework() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_plain_index_updates_clear_skipped_batches_in_flight() -> None:
+    sampler = make(30, 3, num_batches=10)
+    iterator = iter(sampler)
+    batches = [list(next(iterator)) for _ in range(3)]
+    assert len(sampler.state_dict()["pending"]) == 3
+    # The loop skipped the first two batches and updates the third with plain indices: with
+    # an in-order loader the older ones were consumed, so nothing is left to replay.
+    sampler.update(torch.tensor(batches[2]), torch.ones(3))
+    assert sampler.state_dict()["pending"] == []
+    # Indices that match no batch in flight change nothing there.
+    fourth = list(next(iterator))
+    sampler.update(torch.tensor([0, 1]), torch.ones(2))
+    assert [entry[0] for entry in sampler.state_dict()["pending"]] == [3]
+    sampler.update(fourth, torch.ones(3))  # DrawnIndex carries its batch id
+    assert sampler.state_dict()["pending"] == []

@@ -23,13 +23,23 @@ def check_beta(beta: Any, name: str = "beta") -> float:
     return value
 
 
-def check_positive_int(value: Any, name: str) -> int:
-    """An int >= 1, or TypeError / ValueError naming ``name``."""
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """An int >= ``minimum``, or TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """An int >= 1, or TypeError / ValueError naming ``name``."""
+    return check_int(value, name, 1)
+
+
+def check_count(value: Any, name: str) -> int:
+    """An int >= 0, or TypeError / ValueError naming ``name``."""
+    return check_int(value, name, 0)
 
 
 def to_numpy(values: Any) -> np.ndarray:
@@ -113,12 +123,4 @@ def check_flag(value: Any, name: str) -> bool:
 def check_state_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"state dict {name} must be a bool, got {value!r}")
-    return value
-
-
-def check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return value

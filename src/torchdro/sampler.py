@@ -7,6 +7,7 @@ KL-DRO loss (1/beta) * log mean exp(beta * loss). Derivations are in ``docs/theo
 
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing
 import warnings
@@ -52,6 +53,7 @@ _TOP_SIZE = 1024
 # Drawn-but-not-updated batches kept for an exact resume; beyond this, the oldest are dropped
 # (a loop that skips updates must not grow the sampler without bound).
 _MAX_PENDING = 1024
+_MATCH_WINDOW = 8  # in-flight batches searched when update() gets plain indices
 
 
 class SamplerCollapseWarning(UserWarning):
@@ -91,6 +93,12 @@ class DrawnIndex(int):
 
     def __reduce__(self) -> tuple[type[DrawnIndex], tuple[int, float, int]]:
         return (DrawnIndex, (int(self), self.log_prob, self.batch))
+
+
+def _effective_sample_size(log_p: np.ndarray) -> float:
+    doubled = 2 * log_p
+    peak = doubled.max()
+    return float(np.exp(-(peak + np.log(np.exp(doubled - peak).sum()))))
 
 
 def _log_softmax_weights(log_ratio: np.ndarray) -> np.ndarray:
@@ -489,15 +497,18 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         return index_array, loss_array, drawn, batch_ids
 
     def _acknowledge(self, indices: np.ndarray, batch_ids: np.ndarray | None) -> None:
-        # Updated batches are no longer in flight. Without batch ids, the oldest pending
-        # batch with exactly these indices is the one (in-order loaders return them as drawn).
+        # Updated batches are no longer in flight. Without batch ids, an in-order loader
+        # returns batches as drawn: the match is among the oldest few in flight, and any older
+        # one was skipped by the loop. The window keeps this O(1) on the hot path.
         if batch_ids is not None and (batch_ids >= 0).any():
             for batch_id in np.unique(batch_ids[batch_ids >= 0]).tolist():
                 self._pending.pop(int(batch_id), None)
             return
-        for batch_id, (drawn, _) in self._pending.items():
+        window = itertools.islice(self._pending.values(), _MATCH_WINDOW)
+        for position, (drawn, _) in enumerate(window):
             if drawn.size == indices.size and np.array_equal(drawn, indices):
-                del self._pending[batch_id]
+                for _ in range(position + 1):
+                    self._pending.popitem(last=False)
                 return
 
     def _weights(
@@ -601,10 +612,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
 
     def effective_sample_size(self) -> float:
         """1 / sum p^2, in examples: N for uniform sampling, 1 for a point mass. O(N)."""
-        log_p = self.log_probabilities()
-        doubled = 2 * log_p
-        peak = doubled.max()
-        return float(np.exp(-(peak + np.log(np.exp(doubled - peak).sum()))))
+        return _effective_sample_size(self.log_probabilities())
 
     def staleness(self) -> tuple[float, int]:
         """Mean and max number of updates since each observed example was last written. O(N).
@@ -619,9 +627,8 @@ class HardnessWeightedSampler(Sampler[list[int]]):
 
     def hardest(self, k: int) -> torch.Tensor:
         """Indices of the k largest stale losses, largest first, int64, shape (k,). O(N)."""
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
-        if not 0 <= k <= self.num_samples:
+        k = check_count(k, "k")
+        if k > self.num_samples:
             raise ValueError(f"k must be in [0, {self.num_samples}], got {k}")
         if k == 0:
             return torch.empty(0, dtype=torch.int64)
@@ -645,7 +652,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         staleness_mean, staleness_max = self.staleness()
         return {
             "entropy": entropy,
-            "effective_sample_size": self.effective_sample_size(),
+            "effective_sample_size": _effective_sample_size(log_p),
             "max_probability": float(p.max()),
             "kl_to_uniform": max(0.0, math.log(self.num_samples) - entropy),
             "coverage": float((self._last_update >= 0).mean()),
@@ -665,34 +672,14 @@ class HardnessWeightedSampler(Sampler[list[int]]):
     # ------------------------------------------------------------------ checkpoints
 
     def _settings(self) -> dict[str, Any]:
-        return {
-            "num_samples": self.num_samples,
-            "batch_size": self.batch_size,
-            "beta": self._beta,
-            "kl_radius": self.kl_radius,
-            "replacement": self.replacement,
-            "momentum": self.momentum,
-            "importance_weights": self.importance_weights,
-            "clip_weights": None if self.clip_weights is None else list(self.clip_weights),
-            "num_batches": self.num_batches,
-            "warmup_epochs": self.warmup_epochs,
-            "beta_update_interval": self.beta_update_interval,
-            "min_ess_fraction": self.min_ess_fraction,
-        }
+        settings = {name: getattr(self, _SETTING_ATTRIBUTES.get(name, name)) for name in _SETTINGS}
+        if settings["clip_weights"] is not None:
+            settings["clip_weights"] = list(settings["clip_weights"])  # plain values only
+        return settings
 
     def _apply_settings(self, settings: Mapping[str, Any]) -> None:
-        self.num_samples = settings["num_samples"]
-        self.batch_size = settings["batch_size"]
-        self._beta = settings["beta"]
-        self.kl_radius = settings["kl_radius"]
-        self.replacement = settings["replacement"]
-        self.momentum = settings["momentum"]
-        self.importance_weights = settings["importance_weights"]
-        self.clip_weights = settings["clip_weights"]
-        self.num_batches = settings["num_batches"]
-        self.warmup_epochs = settings["warmup_epochs"]
-        self.beta_update_interval = settings["beta_update_interval"]
-        self.min_ess_fraction = settings["min_ess_fraction"]
+        for name in _SETTINGS:
+            setattr(self, _SETTING_ATTRIBUTES.get(name, name), settings[name])
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the exact batch stream, mid-epoch too.
@@ -793,6 +780,14 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         self._replay = replay
         self._permutation = None
 
+
+# What a checkpoint restores as settings; beta is held privately (its setter rebuilds).
+_SETTINGS = (
+    "num_samples", "batch_size", "beta", "kl_radius", "replacement", "momentum",
+    "importance_weights", "clip_weights", "num_batches", "warmup_epochs",
+    "beta_update_interval", "min_ess_fraction",
+)  # fmt: skip
+_SETTING_ATTRIBUTES = {"beta": "_beta"}
 
 _STATE_KEYS = frozenset(
     {

@@ -118,12 +118,14 @@ class _PerCaseLoss(torch.nn.Module):
         self.per_case: torch.Tensor | None = None
 
     def forward(self, output: Any, target: Any) -> torch.Tensor:
+        if not self.trainer.network.training:  # validation: only nnU-Net's own loss
+            return self.loss(output, target)
         batch = (output[0] if isinstance(output, (list, tuple)) else output).shape[0]
 
         def case(x: Any, i: int) -> Any:
             return [t[i : i + 1] for t in x] if isinstance(x, (list, tuple)) else x[i : i + 1]
 
-        weighted = self.trainer.dro.importance_weights and self.network_training
+        weighted = self.trainer.dro.importance_weights
         with torch.set_grad_enabled(weighted and torch.is_grad_enabled()):
             per_case = torch.stack(
                 [self.loss(case(output, i), case(target, i)) for i in range(batch)]
@@ -133,10 +135,6 @@ class _PerCaseLoss(torch.nn.Module):
             weights = self.trainer.current_weights(self.per_case).to(per_case.device)
             return (weights * per_case).mean()
         return self.loss(output, target)  # nnU-Net's own objective, batch Dice included
-
-    @property
-    def network_training(self) -> bool:
-        return self.trainer.network.training
 
 
 class nnUNetTrainerDRO(nnUNetTrainer):
@@ -166,6 +164,8 @@ class nnUNetTrainerDRO(nnUNetTrainer):
         self.case_names: list[str] = []
         self._restored: dict[str, Any] | None = None
         self._batch: dict[str, Any] | None = None
+        self.drawn_cases: list[str] = []  # every case trained on, in order (in the sidecars)
+        self.drawn_log_probs: list[float] = []  # log p of each at its draw
 
     def initialize(self) -> None:
         super().initialize()
@@ -212,20 +212,6 @@ class nnUNetTrainerDRO(nnUNetTrainer):
         self.drawn_cases.extend(str(key) for key in batch["keys"])
         self.drawn_log_probs.extend(np.asarray(batch["torchdro_log_prob"], dtype=float).tolist())
         return result
-
-    @property
-    def drawn_cases(self) -> list[str]:
-        """Every case trained on so far, in order (kept in the checkpoints' sidecars)."""
-        if not hasattr(self, "_drawn_cases"):
-            self._drawn_cases: list[str] = []
-        return self._drawn_cases
-
-    @property
-    def drawn_log_probs(self) -> list[float]:
-        """log p of each drawn case at its draw, in the order of ``drawn_cases``."""
-        if not hasattr(self, "_drawn_log_probs"):
-            self._drawn_log_probs: list[float] = []
-        return self._drawn_log_probs
 
     def on_epoch_end(self) -> None:
         if self.sampler is not None:
