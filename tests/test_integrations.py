@@ -215,3 +215,43 @@ def test_monai_handler_needs_the_draw_key() -> None:
         handler._read_draw(engine)
     with pytest.raises(TypeError, match="dict items"):
         IndexedDataset(_data(), key="draw")[0]
+
+
+def _ignite_run(attachments: int) -> tuple[HardnessWeightedSampler, object]:
+    """Train a linear layer with a plain Ignite engine for 2 epochs; the handler attached
+    ``attachments`` times."""
+    from ignite.engine import Engine
+
+    from torchdro.integrations.monai import HardnessWeightedSamplingHandler
+
+    x, y = _data().tensors
+    items = [{"image": x[i], "label": y[i]} for i in range(N)]
+    sampler = _sampler()
+    loader = DataLoader(IndexedDataset(items, key="draw"), batch_sampler=sampler)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    handler = HardnessWeightedSamplingHandler(sampler)
+    loss_function = handler.loss(lambda pred, label: F.cross_entropy(pred, label, reduction="none"))
+
+    def step(engine, batch):
+        optimizer.zero_grad()
+        loss = loss_function(layer(batch["image"]), batch["label"]).mean()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    engine = Engine(step)
+    for _ in range(attachments):
+        handler.attach(engine)
+    engine.run(loader, max_epochs=2)
+    return sampler, engine
+
+
+def test_monai_handler_attached_twice_acts_once() -> None:
+    pytest.importorskip("ignite")
+    once, _ = _ignite_run(1)
+    twice, engine = _ignite_run(2)
+    assert once.num_updates == twice.num_updates == 2 * len(once) == 12
+    assert torch.equal(once.losses, twice.losses)
+    assert "torchdro/effective_sample_size" in engine.state.metrics

@@ -49,10 +49,20 @@ class HardnessWeightedSamplingHandler:
         self._losses: torch.Tensor | None = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_STARTED, self._read_draw)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        """Register the handler on ``engine`` (the trainer).
+
+        Attaching it again to the same engine changes nothing: each iteration still writes
+        its losses into the table once.
+        """
+        events = [
+            (Events.ITERATION_STARTED, self._read_draw),
+            (Events.ITERATION_COMPLETED, self._update),
+        ]
         if self.log_stats:
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self._log)
+            events.append((Events.EPOCH_COMPLETED, self._log))
+        for event, handler in events:
+            if not engine.has_event_handler(handler, event):
+                engine.add_event_handler(event, handler)
 
     def loss(self, per_case: PerCaseLoss) -> PerCaseLoss:
         """Wrap a per-case loss (pred, label) -> shape (B,) for ``SupervisedTrainer``."""
