@@ -1,24 +1,25 @@
-"""ERM against DRO on scikit-learn's digits (real 8x8 images), with a rare sub-population.
+"""The digits study v2: every method equally tuned on validation, evaluated on fresh seeds.
 
-Scenarios (the rare part is 5 % of what it would be, chosen at random per seed):
-- ``hidden-variant``: 5 % of the training images are intensity-inverted, a rare acquisition
-  protocol that no label marks. Test: every test image as acquired and inverted. Groups:
-  normal, inverted; the worst group is the lower of the two.
-- ``rare-class``: only 5 % of the class-3 training images are kept. Test: the whole
-  (balanced) test half. Groups: the ten classes; the worst group is the worst recall.
+The protocol is ``docs/experiments.md`` ("Digits study v2 protocol"); this module implements
+it. Two stages:
 
-Every method trains the same MLP 64-64-10 with SGD (momentum 0.9, batch 32) for the same
-number of steps. Only the oracle ever sees the group labels; DRO sees images and class labels
-exactly as ERM does.
+- ``tune``: every configuration of every method's grid on the tuning seeds; validation scores
+  only (the test split is never evaluated). The selected configurations (two rules, headline
+  and per regime) go to a tuning file.
+- ``evaluate``: the selected configurations on the evaluation seeds, with test scores; then
+  paired comparisons against ERM selected the same way, verdicts, report and plots.
+
+Only the oracles (and selection rule (b), on validation) read group labels.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,122 +28,223 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchdro import HardnessWeightedSampler, SamplerCollapseWarning
-from torchdro.experiments.report import (
-    Run,
-    fmt_mean_std,
-    markdown_table,
-    mean_std,
-    paired,
-    text_table,
-    verdict,
-    write_results,
-)
+from torchdro.experiments import study
+from torchdro.experiments.study import RunRecord
 
-SCENARIOS = ("hidden-variant", "rare-class")
+STUDY = "digits-v2"
+SCENARIOS = ("hidden-variant", "rare-class", "label-noise", "no-shift")
+REGIMES = ("fit", "noisy")
+RULES = {"a": "val_accuracy", "b": "val_worst_group"}  # selection rule -> validation metric
+RULE_NAMES = {"a": "label-free (val accuracy)", "b": "val worst-group accuracy"}
 RARE_SHARE = 0.05
 RARE_CLASS = 3
+NOISE_RATE = 0.05
+TRAIN_SHARE, VAL_SHARE = 0.5, 0.2  # the test split is the remaining 30 %
 BATCH_SIZE = 32
 MOMENTUM = 0.9
+INPUT_NOISE = 0.3  # the noisy regime's input noise std, in [0, 1] pixel units
+DROPOUT = 0.5
+LEARNING_RATES = (0.01, 0.05)
+WEIGHT_DECAYS = (0.0, 1e-3, 5e-3)
+TUNING_SEEDS = (100, 101, 102)
+EVALUATION_SEEDS = tuple(range(10))
+TUNING_FILE = Path(__file__).with_name("digits_tuning.json")
+
+
+# ----------------------------------------------------------------------------- methods
 
 
 @dataclass(frozen=True)
-class Method:
-    """One training recipe. ``name`` is what results.json calls it."""
+class MethodSpec:
+    """A method and its third grid axis: ``knob`` with ``values`` (weight decay if None)."""
 
     name: str
+    knob: str | None
+    values: tuple[Any, ...]
+    oracle: bool = False
+    scenarios: tuple[str, ...] = SCENARIOS
+    needs: str | None = None  # the torchdro API it needs: "law", "groups"
+
+
+METHODS: tuple[MethodSpec, ...] = (
+    MethodSpec("erm", None, WEIGHT_DECAYS),
+    MethodSpec("kl-beta", "beta", (0.5, 2.0, 5.0)),
+    MethodSpec("kl-radius", "kl_radius", (0.05, 0.2, 1.0)),
+    MethodSpec("cvar", "alpha", (0.5, 0.2, 0.05), needs="law"),
+    MethodSpec("chi-square", "radius", (0.1, 0.5, 2.0), needs="law"),
+    MethodSpec("group-kl", "beta", (0.5, 2.0, 5.0), scenarios=("rare-class",), needs="groups"),
+    MethodSpec("inbatch-kl", "beta", (0.5, 2.0, 5.0)),
+    MethodSpec("topk", "keep", (0.5, 0.25, 0.125)),
+    MethodSpec("jtt", "first_stage_upweight", ((5, 5.0), (5, 20.0), (15, 20.0))),
+    MethodSpec("focal", "gamma", (0.5, 2.0, 5.0)),
+    MethodSpec("class-balanced", None, WEIGHT_DECAYS),
+    MethodSpec("oracle-group-balanced", None, WEIGHT_DECAYS, oracle=True),
+    MethodSpec("oracle-group-dro", "eta", (0.01, 0.1, 1.0), oracle=True),
+)
+SPECS = {spec.name: spec for spec in METHODS}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration of one method's grid (JSON-able through ``asdict``)."""
+
+    method: str
+    regime: str
     lr: float
-    beta: float = 0.0
-    focal_gamma: float = 0.0
+    weight_decay: float = 0.0
+    knob: Any = None
 
     @property
-    def label(self) -> str:
-        if self.name == "dro":
-            return f"dro (beta {self.beta:g}, lr {self.lr:g})"
-        if self.name == "focal":
-            return f"focal (gamma {self.focal_gamma:g}, lr {self.lr:g})"
-        return f"{self.name} (lr {self.lr:g})"
+    def id(self) -> str:
+        knob = "" if self.knob is None else f" {SPECS[self.method].knob}={self.knob}"
+        return f"{self.regime} lr={self.lr:g} wd={self.weight_decay:g}{knob}"
+
+
+def grid(method: str) -> list[Setting]:
+    """The method's 12 configurations: regime x learning rate x its third axis."""
+    spec = SPECS[method]
+    out = []
+    for regime in REGIMES:
+        for lr in LEARNING_RATES:
+            for value in spec.values:
+                if spec.knob is None:
+                    out.append(Setting(method, regime, lr, weight_decay=float(value)))
+                else:
+                    knob = list(value) if isinstance(value, tuple) else value
+                    out.append(Setting(method, regime, lr, knob=knob))
+    return out
+
+
+def unavailable(method: str) -> str | None:
+    """Why ``method`` cannot run with the installed torchdro, or None if it can."""
+    from torchdro import HardnessWeightedSampler
+
+    need = SPECS[method].needs
+    parameters = inspect.signature(HardnessWeightedSampler).parameters
+    if need == "law":
+        try:
+            from torchdro.laws import ChiSquare, CVaR  # noqa: F401
+        except ImportError as error:
+            return f"torchdro.laws.CVaR / ChiSquare not importable ({error})"
+        if "law" not in parameters:
+            return "HardnessWeightedSampler has no law= argument"
+    if need == "groups":
+        try:
+            from torchdro.laws import KL  # noqa: F401
+        except ImportError as error:
+            return f"torchdro.laws.KL not importable ({error})"
+        if "groups" not in parameters or "law" not in parameters:
+            return "HardnessWeightedSampler has no law= / groups= arguments"
+    return None
+
+
+# ----------------------------------------------------------------------------- data
 
 
 @dataclass
-class Config:
-    """Everything that defines the study; saved in results.json."""
+class Part:
+    """One split: images (n, 64) in [0, 1], labels (n,), and per-example group ids (n,)."""
 
-    seeds: int = 10
-    epochs: int = 60
-    weight_decays: tuple[float, ...] = (5e-3, 0.0)
-    scenarios: tuple[str, ...] = SCENARIOS
-    methods: tuple[Method, ...] = field(
-        default_factory=lambda: (
-            Method("erm", 0.01),
-            Method("erm", 0.05),
-            Method("dro", 0.01, beta=2.0),
-            Method("oracle-balanced", 0.01),
-            Method("focal", 0.01, focal_gamma=2.0),
-        )
-    )
+    x: torch.Tensor
+    y: torch.Tensor
+    groups: np.ndarray
 
 
 @dataclass
 class Split:
-    """One seed's data. ``group_train`` is the hidden label: for the oracle and the report."""
+    """One seed's data for one scenario.
 
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    group_train: np.ndarray
-    rare_train: np.ndarray  # bool mask of the rare sub-population in the training set
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    group_test: np.ndarray
+    ``train.groups`` are the oracles' groups; ``val.groups`` and ``test.groups`` the groups the
+    worst-group accuracy is taken over (named by ``group_names``). ``rare_train`` marks the
+    rare or flipped training examples; ``group_weights`` weight the test groups in the overall
+    accuracy (None: plain accuracy).
+    """
+
+    scenario: str
+    seed: int
+    train: Part
+    val: Part
+    test: Part
     group_names: list[str]
-    test_weights: np.ndarray  # weight of each test group in the overall accuracy
+    rare_train: np.ndarray
+    group_weights: np.ndarray | None = None
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    return (images / 16.0).astype(np.float32), labels.astype(np.int64)
+
+
+def split_indices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified train / validation / test indices into ``load_digits`` for ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    _, labels = _digits()
+    everything = np.arange(len(labels))
+    train, rest = train_test_split(
+        everything, train_size=TRAIN_SHARE, stratify=labels, random_state=seed
+    )
+    val, test = train_test_split(
+        rest, train_size=VAL_SHARE / (1 - TRAIN_SHARE), stratify=labels[rest], random_state=seed
+    )
+    return train, val, test
 
 
 def make_split(scenario: str, seed: int) -> Split:
-    """Stratified 50/50 split of digits for ``seed``, then the scenario's rare part."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
+    """The scenario's data for ``seed``; the shift is applied to train and validation alike."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
-    images, labels = load_digits(return_X_y=True)
-    images = (images / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=0.5, stratify=labels, random_state=seed
-    )
+    images, labels = _digits()
+    parts = [(images[i].copy(), labels[i].copy()) for i in split_indices(seed)]
     rng = np.random.default_rng([seed, SCENARIOS.index(scenario)])
+    classes = [f"class {c}" for c in range(10)]
+    (x_test, y_test) = parts[2]
+    shifted = []
+    for x, y in parts[:2]:
+        if scenario == "hidden-variant":
+            rare = np.zeros(len(y), dtype=bool)
+            rare[rng.choice(len(y), max(1, round(RARE_SHARE * len(y))), replace=False)] = True
+            x[rare] = 1.0 - x[rare]
+            shifted.append((x, y, rare.astype(np.int64), rare.astype(np.int64), rare))
+        elif scenario == "rare-class":
+            members = np.flatnonzero(y == RARE_CLASS)
+            keep = rng.choice(members, max(1, round(RARE_SHARE * members.size)), replace=False)
+            mask = (y != RARE_CLASS) | np.isin(np.arange(len(y)), keep)
+            x, y = x[mask], y[mask]
+            shifted.append((x, y, y.copy(), y.copy(), y == RARE_CLASS))
+        elif scenario == "label-noise":
+            flip = np.zeros(len(y), dtype=bool)
+            flip[rng.choice(len(y), round(NOISE_RATE * len(y)), replace=False)] = True
+            y = y.copy()
+            y[flip] = (y[flip] + rng.integers(1, 10, flip.sum())) % 10  # another class
+            shifted.append((x, y, flip.astype(np.int64), y.copy(), flip))
+        else:
+            shifted.append((x, y, y.copy(), y.copy(), np.zeros(len(y), dtype=bool)))
+    (x_tr, y_tr, oracle_groups, _, rare_train), (x_val, y_val, _, val_groups, _) = shifted
     if scenario == "hidden-variant":
-        rare = np.zeros(len(y_train), dtype=bool)
-        rare[rng.choice(len(y_train), round(RARE_SHARE * len(y_train)), replace=False)] = True
-        x_train[rare] = 1.0 - x_train[rare]
-        group_train = rare.astype(np.int64)
+        names = ["normal", "inverted"]
+        test_groups = np.repeat([0, 1], len(y_test))
         x_test = np.concatenate([x_test, 1.0 - x_test])
         y_test = np.concatenate([y_test, y_test])
-        group_test = np.repeat([0, 1], len(y_test) // 2)
-        names = ["normal", "inverted"]
-        # Overall accuracy: the mix the training set represents (95 % normal, 5 % inverted).
-        test_weights = np.array([1 - RARE_SHARE, RARE_SHARE])
+        weights = np.array([1 - RARE_SHARE, RARE_SHARE])
     else:
-        rare_idx = np.flatnonzero(y_train == RARE_CLASS)
-        keep = rng.choice(rare_idx, max(1, round(RARE_SHARE * rare_idx.size)), replace=False)
-        mask = (y_train != RARE_CLASS) | np.isin(np.arange(len(y_train)), keep)
-        x_train, y_train = x_train[mask], y_train[mask]
-        rare = y_train == RARE_CLASS
-        group_train = y_train.copy()
-        group_test = y_test.copy()
-        names = [f"class {c}" for c in range(10)]
-        counts = np.bincount(y_test, minlength=10)
-        test_weights = counts / counts.sum()
+        names, test_groups, weights = classes, y_test.copy(), None
+
+    def part(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> Part:
+        return Part(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), g)
+
     return Split(
-        x_train=torch.from_numpy(x_train),
-        y_train=torch.from_numpy(y_train).long(),
-        group_train=group_train,
-        rare_train=rare,
-        x_test=torch.from_numpy(x_test),
-        y_test=torch.from_numpy(y_test).long(),
-        group_test=group_test,
+        scenario=scenario,
+        seed=seed,
+        train=part(x_tr, y_tr, oracle_groups),
+        val=part(x_val, y_val, val_groups),
+        test=part(x_test, y_test, test_groups),
         group_names=names,
-        test_weights=test_weights,
+        rare_train=rare_train,
+        group_weights=weights,
     )
 
 
@@ -157,6 +259,24 @@ def group_accuracy(
         return hits / totals
 
 
+def score(
+    model: nn.Module, part: Part, num_groups: int, weights: np.ndarray | None = None
+) -> tuple[float, float, np.ndarray]:
+    """(overall accuracy, worst-group accuracy, per-group accuracy) of ``model`` on ``part``."""
+    model.eval()
+    with torch.no_grad():
+        predictions = model(part.x).argmax(dim=1).numpy()
+    per_group = group_accuracy(predictions, part.y.numpy(), part.groups, num_groups)
+    if weights is None:
+        overall = float((predictions == part.y.numpy()).mean())
+    else:
+        overall = float(np.dot(weights, per_group))
+    return overall, float(np.nanmin(per_group)), per_group
+
+
+# ----------------------------------------------------------------------------- training
+
+
 def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> torch.Tensor:
     """Cross-entropy, or the focal loss -(1 - p_t)^gamma log p_t when gamma > 0; shape (B,)."""
     ce = F.cross_entropy(logits, targets, reduction="none")
@@ -165,359 +285,597 @@ def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) 
     return (1 - torch.exp(-ce)) ** gamma * ce
 
 
-def _mlp() -> nn.Module:
+def make_model(regime: str) -> nn.Module:
+    """MLP 64-64-10; dropout after each hidden layer in the noisy regime."""
+    p = DROPOUT if regime == "noisy" else 0.0
     return nn.Sequential(
-        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
-    )
+        nn.Linear(64, 64), nn.ReLU(), nn.Dropout(p),
+        nn.Linear(64, 64), nn.ReLU(), nn.Dropout(p),
+        nn.Linear(64, 10),
+    )  # fmt: skip
 
 
 @dataclass
-class Trace:
-    """DRO diagnostics per epoch: probability mass on the rare part, ESS / N."""
+class TrainInfo:
+    """What a training run reports besides the model: ESS / N at each epoch end (samplers),
+    from the first epoch end at which every example has been observed."""
 
-    rare_mass: list[float] = field(default_factory=list)
     ess_fraction: list[float] = field(default_factory=list)
 
 
-def train(
-    method: Method,
+def _sampler(setting: Setting, n: int, seed: int, y: torch.Tensor) -> Any:
+    from torchdro import HardnessWeightedSampler
+
+    common: dict[str, Any] = {"importance_weights": True, "seed": seed}
+    if setting.method == "kl-beta":
+        return HardnessWeightedSampler(n, BATCH_SIZE, beta=setting.knob, **common)
+    if setting.method == "kl-radius":
+        return HardnessWeightedSampler(n, BATCH_SIZE, beta=None, kl_radius=setting.knob, **common)
+    from torchdro import laws  # type: ignore[attr-defined]
+
+    if setting.method == "cvar":
+        return HardnessWeightedSampler(n, BATCH_SIZE, law=laws.CVaR(alpha=setting.knob), **common)
+    if setting.method == "chi-square":
+        law = laws.ChiSquare(radius=setting.knob)
+        return HardnessWeightedSampler(n, BATCH_SIZE, law=law, **common)
+    if setting.method == "group-kl":  # the class labels, which every user has, as groups
+        law = laws.KL(beta=setting.knob)
+        return HardnessWeightedSampler(n, BATCH_SIZE, law=law, groups=y.numpy(), **common)
+    raise ValueError(f"{setting.method} does not use the sampler")
+
+
+SAMPLER_METHODS = ("kl-beta", "kl-radius", "cvar", "chi-square", "group-kl")
+
+
+def _fit(
+    setting: Setting,
     x: torch.Tensor,
     y: torch.Tensor,
-    *,
-    weight_decay: float,
-    epochs: int,
     seed: int,
+    *,
+    epochs: int,
+    draw_weights: torch.Tensor | None = None,
     groups: np.ndarray | None = None,
-    on_epoch: Callable[[HardnessWeightedSampler], None] | None = None,
+    info: TrainInfo | None = None,
 ) -> nn.Module:
-    """Train one model. ``groups`` (hidden labels) is read by the oracle method only."""
+    """One SGD training run of ``epochs`` x ceil(N / B) steps.
+
+    ``draw_weights`` (N,) switches from shuffling to i.i.d. draws proportional to them;
+    ``groups`` is read by the group DRO oracle only.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = _mlp()
+    model = make_model(setting.regime)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=method.lr, momentum=MOMENTUM, weight_decay=weight_decay
+        model.parameters(), lr=setting.lr, momentum=MOMENTUM, weight_decay=setting.weight_decay
     )
     n = len(y)
-    steps_per_epoch = math.ceil(n / BATCH_SIZE)
-    sampler = None
-    if method.name == "dro":
-        sampler = HardnessWeightedSampler(
-            n, BATCH_SIZE, beta=method.beta, importance_weights=True, seed=seed
-        )
-    balance = None
-    if method.name == "oracle-balanced":
+    steps = math.ceil(n / BATCH_SIZE)
+    method = setting.method
+    sampler = _sampler(setting, n, seed, y) if method in SAMPLER_METHODS else None
+    gamma = float(setting.knob) if method == "focal" else 0.0
+    group_q = None
+    group_ids = None
+    if method == "oracle-group-dro":
         if groups is None:
-            raise ValueError("the oracle needs the group labels")
-        counts = np.bincount(groups)
-        balance = torch.from_numpy(1.0 / counts[groups])
+            raise ValueError("the group DRO oracle needs the group labels")
+        group_ids = torch.from_numpy(groups)
+        group_q = torch.full((int(groups.max()) + 1,), 1.0 / (int(groups.max()) + 1))
 
     for _ in range(epochs):
+        model.train()
         if sampler is not None:
             batches: Any = sampler
-        elif balance is not None:
-            draws = torch.multinomial(
-                balance, steps_per_epoch * BATCH_SIZE, True, generator=generator
-            )
-            batches = draws.view(steps_per_epoch, BATCH_SIZE)
+        elif draw_weights is not None:
+            draws = torch.multinomial(draw_weights, steps * BATCH_SIZE, True, generator=generator)
+            batches = draws.view(steps, BATCH_SIZE)
         else:
             batches = torch.randperm(n, generator=generator).split(BATCH_SIZE)
         for batch in batches:
             index = torch.as_tensor(batch)
-            losses = per_example_loss(model(x[index]), y[index], method.focal_gamma)
+            inputs = x[index]
+            if setting.regime == "noisy":
+                inputs = inputs + INPUT_NOISE * torch.randn(inputs.shape, generator=generator)
+            losses = per_example_loss(model(inputs), y[index], gamma)
             if sampler is not None:
                 weights = sampler.update(batch, losses.detach())
                 loss = (weights * losses).mean()
+            elif method == "inbatch-kl":  # softmax(beta l) over the batch, mean 1
+                weights = torch.softmax(setting.knob * losses.detach(), 0) * len(losses)
+                loss = (weights * losses).mean()
+            elif method == "topk":
+                k = max(1, round(setting.knob * len(losses)))
+                loss = losses.topk(k).values.mean()
+            elif group_q is not None and group_ids is not None:
+                loss = _group_dro_step(losses, group_ids[index], group_q, float(setting.knob))
             else:
                 loss = losses.mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        if sampler is not None and on_epoch is not None:
-            on_epoch(sampler)
+        if sampler is not None and info is not None:
+            stats = sampler.stats()
+            if stats["coverage"] == 1.0:  # before that, unseen examples' init loss dominates
+                info.ess_fraction.append(stats["effective_sample_size"] / n)
     return model
 
 
-def run_one(
-    scenario: str, split: Split, method: Method, weight_decay: float, seed: int, epochs: int
-) -> Run:
-    """Train and evaluate one (scenario, method, weight decay, seed); one results.json run."""
-    trace = Trace()
+def _group_dro_step(
+    losses: torch.Tensor, batch_groups: torch.Tensor, q: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """Sagawa et al.'s online step: q_g <- q_g exp(eta loss_g) over the batch's groups, then
+    the q-weighted sum of group mean losses. ``q`` (G,) is updated in place."""
+    present = torch.unique(batch_groups)
+    means = torch.stack([losses[batch_groups == g].mean() for g in present])
+    q[present] *= torch.exp(eta * means.detach())
+    q /= q.sum()
+    return (q[present] * means).sum()
 
-    def record(sampler: HardnessWeightedSampler) -> None:
-        p = sampler.probabilities().numpy()
-        trace.rare_mass.append(float(p[split.rare_train].sum()))
-        trace.ess_fraction.append(sampler.effective_sample_size() / sampler.num_samples)
 
-    start = time.perf_counter()
-    groups = split.group_train if method.name == "oracle-balanced" else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SamplerCollapseWarning)
-        model = train(
-            method, split.x_train, split.y_train, weight_decay=weight_decay, epochs=epochs,
-            seed=seed, groups=groups, on_epoch=record,
-        )  # fmt: skip
-    seconds = time.perf_counter() - start
-    collapses = sum(issubclass(w.category, SamplerCollapseWarning) for w in caught)
+def train(setting: Setting, split: Split, seed: int, epochs: int, info: TrainInfo) -> nn.Module:
+    """Train ``setting`` on ``split.train`` (JTT: both stages)."""
+    x, y = split.train.x, split.train.y
+    method = setting.method
+    if method == "jtt":
+        first_epochs, upweight = setting.knob
+        first = _fit(
+            Setting("erm", setting.regime, setting.lr), x, y, seed, epochs=int(first_epochs)
+        )
+        first.eval()
+        with torch.no_grad():
+            errors = (first(x).argmax(dim=1) != y).double()
+        weights = 1.0 + (float(upweight) - 1.0) * errors
+        return _fit(setting, x, y, seed, epochs=epochs, draw_weights=weights)
+    if method == "class-balanced":
+        counts = torch.bincount(y, minlength=10).double()
+        return _fit(setting, x, y, seed, epochs=epochs, draw_weights=1.0 / counts[y])
+    if method == "oracle-group-balanced":
+        groups = torch.from_numpy(split.train.groups)
+        counts = torch.bincount(groups).double()
+        return _fit(setting, x, y, seed, epochs=epochs, draw_weights=1.0 / counts[groups])
+    groups = split.train.groups if method == "oracle-group-dro" else None
+    return _fit(setting, x, y, seed, epochs=epochs, groups=groups, info=info)
+
+
+def run_one(setting: Setting, split: Split, stage: str, epochs: int) -> RunRecord:
+    """Train one configuration on one seed and score it; the test split only when evaluating."""
+    if stage not in ("tune", "evaluate"):
+        raise ValueError(f"stage must be 'tune' or 'evaluate', got {stage!r}")
+    info = TrainInfo()
+    torch.set_num_threads(1)  # a 64-unit MLP is fastest on one thread; timing is steadier
+    with study.measure() as measured:
+        model = train(setting, split, split.seed, epochs, info)
+    num_groups = len(split.group_names)
+    val_acc, val_worst, _ = score(model, split.val, num_groups)
     with torch.no_grad():
-        predictions = model(split.x_test).argmax(dim=1).numpy()
-    per_group = group_accuracy(
-        predictions, split.y_test.numpy(), split.group_test, len(split.group_names)
+        train_acc = float((model(split.train.x).argmax(1) == split.train.y).double().mean())
+    metrics = {"val_accuracy": val_acc, "val_worst_group": val_worst, "train_accuracy": train_acc}
+    groups: dict[str, float] = {}
+    if stage == "evaluate":
+        test_acc, test_worst, per_group = score(model, split.test, num_groups, split.group_weights)
+        metrics |= {"test_accuracy": test_acc, "test_worst_group": test_worst}
+        groups = {k: float(v) for k, v in zip(split.group_names, per_group, strict=True)}
+    return RunRecord(
+        study=STUDY,
+        stage=stage,
+        scenario=split.scenario,
+        method=setting.method,
+        config_id=setting.id,
+        config=asdict(setting),
+        seed=split.seed,
+        metrics=metrics,
+        groups=groups,
+        seconds=measured.seconds,
+        collapse_warnings=measured.collapse_warnings,
+        min_ess_fraction=min(info.ess_fraction, default=math.nan),
+        trace={"ess_fraction": info.ess_fraction} if info.ess_fraction else {},
     )
-    run: Run = {
-        "scenario": scenario,
-        "method": method.name,
-        "label": method.label,
-        "seed": seed,
-        "lr": method.lr,
-        "beta": method.beta,
-        "focal_gamma": method.focal_gamma,
-        "weight_decay": weight_decay,
-        "accuracy": float(np.dot(split.test_weights, per_group)),
-        "worst_group_accuracy": float(np.nanmin(per_group)),
-        "worst_group": split.group_names[int(np.nanargmin(per_group))],
-        "groups": {name: float(v) for name, v in zip(split.group_names, per_group, strict=True)},
-        "rare_share_train": float(split.rare_train.mean()),
-        "seconds": seconds,
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class StudyConfig:
+    """What defines a run of the study; saved in results.json and the tuning file."""
+
+    scenarios: tuple[str, ...] = SCENARIOS
+    methods: tuple[str, ...] = tuple(SPECS)
+    tuning_seeds: tuple[int, ...] = TUNING_SEEDS
+    evaluation_seeds: tuple[int, ...] = EVALUATION_SEEDS
+    epochs: int = 40
+    tables: str = "headline"  # "headline" or "all" (also each regime's selection)
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        overlap = set(self.tuning_seeds) & set(self.evaluation_seeds)
+        if overlap:
+            raise ValueError(f"tuning and evaluation seeds must be disjoint; shared: {overlap}")
+        for name in self.methods:
+            if name not in SPECS:
+                raise ValueError(f"unknown method {name!r}; choose from {tuple(SPECS)}")
+        for scenario in self.scenarios:
+            if scenario not in SCENARIOS:
+                raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
+        if self.tables not in ("headline", "all"):
+            raise ValueError(f"tables must be 'headline' or 'all', got {self.tables!r}")
+        if self.epochs < 1 or self.workers < 1:
+            raise ValueError("epochs and workers must be at least 1")
+
+
+def runnable(config: StudyConfig) -> tuple[list[str], dict[str, str]]:
+    """The methods that can run, and the skipped ones with their reason."""
+    skipped = {m: r for m in config.methods if (r := unavailable(m)) is not None}
+    return [m for m in config.methods if m not in skipped], skipped
+
+
+@lru_cache(maxsize=8)
+def _cached_split(scenario: str, seed: int) -> Split:
+    return make_split(scenario, seed)
+
+
+def _job(job: tuple[dict[str, Any], str, int, str, int]) -> RunRecord:
+    setting, scenario, seed, stage, epochs = job
+    return run_one(Setting(**setting), _cached_split(scenario, seed), stage, epochs)
+
+
+def _run_jobs(
+    jobs: list[tuple[dict[str, Any], str, int, str, int]], workers: int, desc: str, bar: bool
+) -> list[RunRecord]:
+    """Run jobs (in order of the list; results in the same order) on ``workers`` processes."""
+    if workers == 1 or len(jobs) < 2:
+        return [_job(j) for j in study.progress(jobs, len(jobs), desc, bar)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Jobs sorted by (scenario, seed) so that each worker's split cache stays warm.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        results: Iterator[RunRecord] = pool.map(_job, jobs, chunksize=4)
+        return list(study.progress(results, len(jobs), desc, bar))
+
+
+def _setting_jobs(
+    settings: Sequence[Setting], scenario: str, seeds: Sequence[int], stage: str, epochs: int
+) -> list[tuple[dict[str, Any], str, int, str, int]]:
+    return [(asdict(s), scenario, seed, stage, epochs) for seed in seeds for s in settings]
+
+
+def select_all(records: Sequence[RunRecord], config: StudyConfig) -> dict[str, Any]:
+    """Per scenario, rule, table and method: the selected configuration (validation only).
+
+    Tables: ``headline`` (the whole grid) and, with ``config.tables == "all"``, each regime.
+    """
+    tables = ["headline", *(REGIMES if config.tables == "all" else ())]
+    selected: dict[str, Any] = {}
+    by_key = study.group_by(records, lambda r: (r.scenario, r.method))
+    for (scenario, method), recs in by_key.items():
+        settings = {s.id: s for s in grid(method)}
+        for rule, metric in RULES.items():
+            for table in tables:
+                order = [i for i, s in settings.items() if table in ("headline", s.regime)]
+                best = study.select(recs, metric, order)
+                if best is None:
+                    continue
+                entry = {"config_id": best[0], "val_score": best[1]}
+                entry["config"] = asdict(settings[best[0]])
+                selected.setdefault(scenario, {}).setdefault(rule, {}).setdefault(table, {})[
+                    method
+                ] = entry
+    return selected
+
+
+def tune(config: StudyConfig, bar: bool = True) -> dict[str, Any]:
+    """The tuning stage: every grid configuration on the tuning seeds, scored on validation."""
+    methods, skipped = runnable(config)
+    jobs = []
+    for scenario in config.scenarios:
+        here = [m for m in methods if scenario in SPECS[m].scenarios]
+        settings = [s for m in here for s in grid(m)]
+        jobs += _setting_jobs(settings, scenario, config.tuning_seeds, "tune", config.epochs)
+    records = _run_jobs(jobs, config.workers, "digits: tuning", bar)
+    return {
+        "study": STUDY,
+        "config": asdict(config),
+        "skipped": skipped,
+        "selected": select_all(records, config),
+        "seconds": sum(r.seconds for r in records),
+        "runs": records,
     }
-    if method.name == "dro":
-        run["trace"] = asdict(trace)
-        run["collapse_warnings"] = collapses  # epochs that started with ESS < 0.1 N
-    return run
 
 
-def run_study(config: Config, out: Path, progress: bool = True) -> list[Run]:
-    """Every run of the study, with a tqdm bar; writes results.json, report.md and plots."""
-    from tqdm import tqdm
-
-    torch.set_num_threads(1)  # a 64-unit MLP is faster on one thread, and timing is steadier
-    jobs = [
-        (scenario, seed, wd, method)
-        for scenario in config.scenarios
-        for seed in range(config.seeds)
-        for wd in config.weight_decays
-        for method in config.methods
-    ]
-    runs: list[Run] = []
-    splits: dict[tuple[str, int], Split] = {}
-    for scenario, seed, wd, method in tqdm(jobs, desc="digits", disable=not progress):
-        if (scenario, seed) not in splits:
-            splits = {(scenario, seed): make_split(scenario, seed)}
-        runs.append(run_one(scenario, splits[scenario, seed], method, wd, seed, config.epochs))
-    config_dict = asdict(config)
-    write_results(out, "digits", config_dict, runs)
-    (out / "report.md").write_text(report(config, runs))
-    plot(config, runs, out)
-    return runs
+def _evaluation_settings(tuning: dict[str, Any], scenario: str) -> list[Setting]:
+    distinct: dict[str, Setting] = {}
+    for tables in tuning["selected"].get(scenario, {}).values():
+        for methods in tables.values():
+            for entry in methods.values():
+                setting = Setting(**entry["config"])
+                distinct.setdefault(f"{setting.method}|{setting.id}", setting)
+    return list(distinct.values())
 
 
-# ---------------------------------------------------------------------------- reporting
+def evaluate(config: StudyConfig, tuning: dict[str, Any], bar: bool = True) -> list[RunRecord]:
+    """The evaluation stage: each distinct selected configuration on the evaluation seeds."""
+    methods, _ = runnable(config)
+    jobs = []
+    for scenario in config.scenarios:
+        settings = [s for s in _evaluation_settings(tuning, scenario) if s.method in methods]
+        jobs += _setting_jobs(
+            settings, scenario, config.evaluation_seeds, "evaluate", config.epochs
+        )
+    return _run_jobs(jobs, config.workers, "digits: evaluation", bar)
 
 
-def _select(**fields: Any) -> Callable[[Run], bool]:
-    return lambda run: all(run[k] == v for k, v in fields.items())
+def restrict_tables(tuning: dict[str, Any], tables: str) -> dict[str, Any]:
+    """A copy of ``tuning`` whose selections keep only the headline when ``tables`` says so."""
+    if tables == "all":
+        return tuning
+    selected = {
+        scenario: {rule: {"headline": t["headline"]} for rule, t in rules.items()}
+        for scenario, rules in tuning["selected"].items()
+    }
+    return {**tuning, "selected": selected}
 
 
-def _pick(runs: Sequence[Run], **fields: Any) -> list[Run]:
-    keep = _select(**fields)
-    return [run for run in runs if keep(run)]
+# ----------------------------------------------------------------------------- analysis
 
 
-def _cells(runs: Sequence[Run], config: Config, scenario: str, wd: float) -> list[list[str]]:
+def analyse(tuning: dict[str, Any], records: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """Every declared family: per scenario, rule, table and metric, each method minus ERM."""
+    values = {
+        (r.scenario, r.method, r.config_id, metric): {}
+        for r in records
+        for metric in ("test_worst_group", "test_accuracy")
+    }
+    for r in records:
+        for metric in ("test_worst_group", "test_accuracy"):
+            values[r.scenario, r.method, r.config_id, metric][r.seed] = r.metrics[metric]
+    families = []
+    for scenario, rules in tuning["selected"].items():
+        for rule, tables in rules.items():
+            for table, chosen in tables.items():
+                if "erm" not in chosen:
+                    continue
+                for metric in ("test_worst_group", "test_accuracy"):
+                    reference = values.get((scenario, "erm", chosen["erm"]["config_id"], metric))
+                    if reference is None:
+                        continue
+                    diffs = {}
+                    for method, entry in chosen.items():
+                        mine = values.get((scenario, method, entry["config_id"], metric))
+                        if method != "erm" and mine is not None:
+                            diffs[method] = study.paired_differences(mine, reference)[1]
+                    families.append(
+                        {
+                            "scenario": scenario,
+                            "rule": rule,
+                            "table": table,
+                            "metric": metric,
+                            "comparisons": study.compare_family(diffs),
+                        }
+                    )
+    return families
+
+
+def _summary_rows(
+    tuning: dict[str, Any], records: Sequence[RunRecord], families: list[dict[str, Any]],
+    scenario: str, rule: str, table: str, bold: bool,
+) -> list[list[str]]:  # fmt: skip
+    chosen = tuning["selected"][scenario][rule][table]
+    verdicts = {
+        (f["metric"], c.name): c
+        for f in families
+        if (f["scenario"], f["rule"], f["table"]) == (scenario, rule, table)
+        for c in f["comparisons"]
+    }
     rows = []
-    for method in config.methods:
-        chosen = _pick(runs, scenario=scenario, weight_decay=wd, label=method.label)
+    for method, entry in chosen.items():
+        mine = [
+            r
+            for r in records
+            if (r.scenario, r.method, r.config_id) == (scenario, method, entry["config_id"])
+        ]
+        if not mine:
+            continue
+        worst = [r.metrics["test_worst_group"] for r in mine]
+        comparison = verdicts.get(("test_worst_group", method))
+        overall = verdicts.get(("test_accuracy", method))
+        if comparison is None:
+            diff, call = "reference", ""
+        else:
+            diff = comparison.describe()
+            call = comparison.verdict or "no verdict"
+        cell = study.fmt_mean_std(worst)
+        if bold and comparison is not None and comparison.verdict == "better":
+            cell = f"**{cell}**"
+        warned = [r.collapse_warnings for r in mine]
+        ess = [r.min_ess_fraction for r in mine if not math.isnan(r.min_ess_fraction)]
         rows.append(
             [
-                method.label + (" — oracle, uses hidden labels" if "oracle" in method.name else ""),
-                fmt_mean_std([r["worst_group_accuracy"] for r in chosen]),
-                fmt_mean_std([r["accuracy"] for r in chosen]),
-                f"{mean_std([r['seconds'] for r in chosen])[0]:.2f}",
+                method + (" (oracle)" if SPECS[method].oracle else ""),
+                entry["config_id"],
+                cell,
+                study.fmt_mean_std([r.metrics["test_accuracy"] for r in mine]),
+                study.fmt_mean_std([r.metrics["train_accuracy"] for r in mine], 2),
+                diff,
+                call,
+                "" if overall is None else f"{overall.mean:+.3f} ({overall.verdict or '-'})",
+                f"{sum(w > 0 for w in warned)}/{len(warned)} ({sum(warned)})",
+                f"{min(ess):.3f}" if ess else "-",
+                f"{study.mean_std([r.seconds for r in mine])[0]:.2f}",
             ]
         )
     return rows
 
 
-def comparisons(config: Config, runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """DRO against each non-oracle baseline, paired by seed, per scenario and weight decay."""
-    out = []
-    dro = next(m for m in config.methods if m.name == "dro")
-    for scenario in config.scenarios:
-        for wd in config.weight_decays:
-            for other in config.methods:
-                if other.name in ("dro", "oracle-balanced"):
-                    continue
-                a = _select(scenario=scenario, weight_decay=wd, label=dro.label)
-                b = _select(scenario=scenario, weight_decay=wd, label=other.label)
-                worst = paired(runs, a, b, "worst_group_accuracy")
-                overall = paired(runs, a, b, "accuracy")
-                out.append(
-                    {
-                        "scenario": scenario,
-                        "weight_decay": wd,
-                        "against": other.label,
-                        "worst_group": worst,
-                        "overall": overall,
-                        "verdict": verdict(worst),
-                    }
-                )
-    return out
+HEADER = [
+    "method", "selected", "worst-group", "overall", "train",
+    "worst-group − ERM [adj. CI] p_holm; higher/lower/tied", "verdict",
+    "overall − ERM", "collapse runs (warnings)", "min ESS/N", "s/run",
+]  # fmt: skip
 
 
-def results_table(config: Config, runs: Sequence[Run]) -> str:
-    """The terminal table printed at the end of a run."""
+def no_verdict_note(families: list[dict[str, Any]]) -> str | None:
+    """Why some comparisons have no verdict (too few paired seeds), or None."""
+    reasons = sorted(
+        {c.no_verdict_reason for f in families for c in f["comparisons"] if c.no_verdict_reason}
+    )
+    if not reasons:
+        return None
+    return "No verdict: " + "; ".join(reasons) + ". The numbers above are shown without one."
+
+
+def results_table(
+    tuning: dict[str, Any], records: Sequence[RunRecord], families: list[dict[str, Any]]
+) -> str:
+    """The terminal tables: per scenario and selection rule, the headline (and regimes)."""
     blocks = []
-    for scenario in config.scenarios:
-        for wd in config.weight_decays:
-            title = f"{scenario}, weight decay {wd:g} (mean ± std over {config.seeds} seeds)"
-            header = ["method", "worst-group acc.", "overall acc.", "s / run"]
-            blocks.append(title + "\n" + text_table(header, _cells(runs, config, scenario, wd)))
-    lines = ["", "DRO − baseline, worst-group accuracy, paired by seed:"]
-    for c in comparisons(config, runs):
-        lines.append(
-            f"  {c['scenario']:<14} wd {c['weight_decay']:<6g} vs {c['against']:<28} "
-            f"{c['worst_group'].describe()}  -> {c['verdict']}"
-        )
-    return "\n\n".join(blocks) + "\n" + "\n".join(lines)
+    for scenario, rules in tuning["selected"].items():
+        for rule, tables in rules.items():
+            for table in tables:
+                rows = _summary_rows(tuning, records, families, scenario, rule, table, False)
+                title = f"{scenario}, rule ({rule}) {RULE_NAMES[rule]}, {table}"
+                blocks.append(title + "\n" + study.text_table(HEADER, rows))
+    note = no_verdict_note(families)
+    return "\n\n".join(blocks + ([note] if note else []))
 
 
-def report(config: Config, runs: Sequence[Run]) -> str:
-    """report.md: what was run, the numbers with their spread, and what they say."""
-    dro = next(m for m in config.methods if m.name == "dro")
+def report(
+    config: StudyConfig,
+    tuning: dict[str, Any],
+    records: Sequence[RunRecord],
+    families: list[dict[str, Any]],
+    seconds: dict[str, float],
+) -> str:
+    """report.md: the protocol in brief, every table, skipped methods, timing."""
     parts = [
-        "# ERM vs DRO on digits",
+        "# Digits study v2",
         "",
-        f"{config.seeds} seeds × {len(config.scenarios)} scenarios × "
-        f"{len(config.weight_decays)} weight decays × {len(config.methods)} methods, "
-        f"{config.epochs} epochs each (the same number of SGD steps for every method within a "
-        "scenario). Data: scikit-learn's `load_digits`, split 50/50 stratified per seed. "
-        "Model: MLP 64-64-10, SGD with momentum 0.9, batch 32.",
-        "",
-        "- `hidden-variant`: 5 % of the training images are intensity-inverted; no label says "
-        "which. Worst group: the lower of the accuracies on normal and on inverted test "
-        "images. Overall accuracy weights the two 95 : 5, the mix the training set represents.",
-        "- `rare-class`: 5 % of the class-3 training images are kept. Worst group: the worst "
-        "per-class recall on the balanced test half. Overall: plain accuracy.",
-        f"- DRO: hardness weighted sampling with importance weights, beta = {dro.beta:g}, "
-        f"lr = {dro.lr:g}: beta·lr/(1−momentum) = {dro.beta * dro.lr / (1 - MOMENTUM):.2g}, "
-        "inside the stable range found in docs/choosing-beta.md (chosen before this study; "
-        "not tuned on its test sets).",
-        "- `oracle-balanced` samples each hidden group (or class) equally: it uses labels a "
-        "user does not have for hidden groups and is shown as a reference, not a competitor.",
-        "- `focal`: focal loss with uniform sampling, what a user might try instead.",
+        "Protocol: [docs/experiments.md, Digits study v2 protocol]"
+        "(../../docs/experiments.md#digits-study-v2-protocol), fixed before the results. "
+        f"Tuning seeds {list(config.tuning_seeds)}, evaluation seeds "
+        f"{list(config.evaluation_seeds)}, {config.epochs} epochs, 12 configurations per "
+        "method selected on validation by (a) mean accuracy, (b) mean worst-group accuracy. "
+        f"Comparisons: method − ERM selected the same way, paired by seed; intervals at "
+        f"level 1 − {study.ALPHA}/m over each family of m comparisons; verdict margin "
+        f"δ = {study.DELTA}. Bold: verdict `better` only.",
         "",
     ]
-    for scenario in config.scenarios:
-        for wd in config.weight_decays:
-            parts.append(f"## {scenario}, weight decay {wd:g}")
-            parts.append("")
-            header = ["method", "worst-group accuracy", "overall accuracy", "seconds / run"]
-            parts.append(markdown_table(header, _cells(runs, config, scenario, wd)))
-            parts.append("")
-            for c in comparisons(config, runs):
-                if c["scenario"] == scenario and c["weight_decay"] == wd:
-                    parts.append(
-                        f"- DRO − {c['against']}: worst group {c['worst_group'].describe()}; "
-                        f"overall {c['overall'].describe()}. **{c['verdict']}.**"
-                    )
-            here = _pick(runs, scenario=scenario, weight_decay=wd)
-            oracle = [r["worst_group_accuracy"] for r in _pick(here, method="oracle-balanced")]
-            dro_worst = [r["worst_group_accuracy"] for r in _pick(here, method="dro")]
-            dro_runs = _pick(here, method="dro")
-            if dro_runs:
-                warned = [r["collapse_warnings"] for r in dro_runs]
-                parts.append(
-                    f"- DRO's sampler warned of a collapse (an epoch starting with an effective "
-                    f"sample size below 10 % of N) in {sum(w > 0 for w in warned)} of "
-                    f"{len(warned)} runs ({sum(warned)} epochs of "
-                    f"{len(warned) * config.epochs} in all)."
-                )
-            if oracle and dro_worst:
-                gap = mean_std(oracle)[0] - mean_std(dro_worst)[0]
-                parts.append(
-                    f"- The oracle's worst group is {abs(gap):.3f} "
-                    f"{'above' if gap >= 0 else 'below'} DRO's on average."
-                )
-            parts.append("")
+    note = no_verdict_note(families)
+    if note:
+        parts += [f"**{note}**", ""]
+    skipped = tuning.get("skipped", {})
+    if skipped:
+        parts.append("Not run (API not available in this torchdro):")
+        parts += [f"- `{m}`: {reason}" for m, reason in skipped.items()]
+        parts.append("")
+    for scenario, rules in tuning["selected"].items():
+        parts += [f"## {scenario}", ""]
+        for rule, tables in rules.items():
+            for table in tables:
+                parts += [f"### Rule ({rule}) {RULE_NAMES[rule]}: {table}", ""]
+                rows = _summary_rows(tuning, records, families, scenario, rule, table, True)
+                parts += [study.markdown_table(HEADER, rows), ""]
     parts += [
-        "## Plots",
+        "## Wall time",
         "",
-        "- `accuracy.png`: worst-group and overall accuracy per method (the oracle as a "
-        "dashed reference line).",
-        "- `rare_mass.png`: the probability mass DRO's sampler puts on the rare part of the "
-        "training set at the end of each epoch, against its share of the data.",
-        "- `ess.png`: the sampler's effective sample size over training, as a fraction of N.",
+        *(f"- {stage}: {s / 60:.1f} min" for stage, s in seconds.items()),
         "",
-        "Per-run numbers, per-group accuracies and the DRO traces are in `results.json`.",
+        "Per-run numbers are in `results.json`; `worst_group.png` plots each headline "
+        "comparison with its adjusted interval (the grey band is ±δ).",
     ]
     return "\n".join(parts) + "\n"
 
 
-def plot(config: Config, runs: Sequence[Run], out: Path) -> None:
-    """accuracy.png, rare_mass.png and ess.png."""
-    import matplotlib
+def plot(families: list[dict[str, Any]], out: Path) -> None:
+    """worst_group.png: the headline worst-group comparisons, one panel per scenario x rule."""
+    panels = [
+        (f"{f['scenario']}, rule ({f['rule']})", f["comparisons"])
+        for f in families
+        if f["table"] == "headline" and f["metric"] == "test_worst_group"
+    ]
+    study.plot_comparisons(panels, out / "worst_group.png", "worst-group accuracy − ERM")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels = [(s, wd) for s in config.scenarios for wd in config.weight_decays]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
-    competitors = [m for m in config.methods if m.name != "oracle-balanced"]
-    for ax, (scenario, wd) in zip(axes[0], panels, strict=True):
-        for k, method in enumerate(competitors):
-            chosen = _pick(runs, scenario=scenario, weight_decay=wd, label=method.label)
-            for offset, metric, color in (
-                (-0.12, "worst_group_accuracy", "C3"),
-                (0.12, "accuracy", "C0"),
-            ):
-                mean, std = mean_std([r[metric] for r in chosen])
-                ax.errorbar(k + offset, mean, yerr=std, fmt="o", color=color, capsize=3)
-        oracle = [
-            r["worst_group_accuracy"]
-            for r in _pick(runs, scenario=scenario, weight_decay=wd, method="oracle-balanced")
-        ]
-        if oracle:
-            ax.axhline(mean_std(oracle)[0], color="grey", linestyle="--", linewidth=1)
-        ax.set_xticks(
-            range(len(competitors)), [m.label.replace(" (", "\n(") for m in competitors], fontsize=7
+def load_tuning(path: Path) -> dict[str, Any]:
+    """A tuning file written by :func:`save_tuning` (selections only; runs are not needed)."""
+    import json
+
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no tuning result at {path}; run `torchdro experiment digits --stage tune` first"
         )
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"{scenario}, wd {wd:g}", fontsize=10)
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][0].plot([], [], "o", color="C3", label="worst group")
-    axes[0][0].plot([], [], "o", color="C0", label="overall")
-    axes[0][0].plot([], [], "--", color="grey", label="oracle worst group")
-    axes[0][0].legend(fontsize=8, loc="lower left")
-    figure.tight_layout()
-    figure.savefig(out / "accuracy.png", dpi=110)
-    plt.close(figure)
+    return json.loads(path.read_text())
 
-    for name, key, ylabel in (
-        ("rare_mass.png", "rare_mass", "probability mass on the rare part"),
-        ("ess.png", "ess_fraction", "effective sample size / N"),
-    ):
-        figure, axes = plt.subplots(
-            1, len(config.scenarios), figsize=(5 * len(config.scenarios), 3.8), squeeze=False
-        )
-        for ax, scenario in zip(axes[0], config.scenarios, strict=True):
-            for j, wd in enumerate(config.weight_decays):
-                dro_runs = _pick(runs, scenario=scenario, weight_decay=wd, method="dro")
-                traces = np.array([r["trace"][key] for r in dro_runs])
-                if traces.size == 0:
-                    continue
-                epochs = np.arange(1, traces.shape[1] + 1)
-                low, middle, high = np.percentile(traces, [10, 50, 90], axis=0)
-                ax.plot(epochs, middle, color=f"C{j}", label=f"DRO, wd {wd:g} (median, 10–90 %)")
-                ax.fill_between(epochs, low, high, color=f"C{j}", alpha=0.2)
-            if key == "rare_mass":
-                share = np.mean([r["rare_share_train"] for r in runs if r["scenario"] == scenario])
-                ax.axhline(
-                    share, color="grey", linestyle="--", label=f"share in data ({share:.1%})"
-                )
-                ax.set_yscale("log")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(ylabel)
-            ax.set_title(scenario)
-            ax.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=110)
-        plt.close(figure)
+
+def save_tuning(tuning: dict[str, Any], path: Path) -> None:
+    """The selections (not the individual tuning runs) as a committed-size JSON file."""
+    study.write_json(path, {k: v for k, v in tuning.items() if k != "runs"})
+
+
+def run_study(
+    config: StudyConfig,
+    out: Path,
+    stage: str = "all",
+    tuning_file: Path = TUNING_FILE,
+    bar: bool = True,
+) -> tuple[dict[str, Any], list[RunRecord], list[dict[str, Any]]]:
+    """Run ``stage`` ("tune", "evaluate" from ``tuning_file``, or "all"); write the outputs.
+
+    Writes ``out/tuning.json`` after tuning (and ``tuning_file`` for stage "tune"), and
+    ``out/results.json``, ``out/report.md`` and ``out/worst_group.png`` after evaluation.
+    """
+    import time
+
+    if stage not in ("tune", "evaluate", "all"):
+        raise ValueError(f"stage must be 'tune', 'evaluate' or 'all', got {stage!r}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    seconds: dict[str, float] = {}
+    if stage in ("tune", "all"):
+        start = time.perf_counter()
+        tuning = tune(config, bar)
+        seconds["tuning"] = time.perf_counter() - start
+        save_tuning(tuning, out / "tuning.json")
+        if stage == "tune":
+            save_tuning(tuning, tuning_file)
+            return tuning, [], []
+    else:
+        tuning = load_tuning(tuning_file)
+    _, skipped = runnable(config)
+    tuning = restrict_tables(tuning, config.tables)
+    tuning = {**tuning, "skipped": {**tuning.get("skipped", {}), **skipped}}
+    start = time.perf_counter()
+    records = evaluate(config, tuning, bar)
+    seconds["evaluation"] = time.perf_counter() - start
+    families = analyse(tuning, records)
+    study.write_json(
+        out / "results.json",
+        {
+            "experiment": "digits",
+            "study": STUDY,
+            "config": asdict(config),
+            "environment": study.environment(),
+            "skipped": tuning.get("skipped", {}),
+            "selected": tuning["selected"],
+            "families": families,
+            "seconds": seconds,
+            "runs": records,
+        },
+    )
+    (out / "report.md").write_text(report(config, tuning, records, families, seconds))
+    plot(families, out)
+    return tuning, records, families
+
+
+def smoke_config(**changes: Any) -> StudyConfig:
+    """A tiny configuration for tests: 2 scenarios, 3 methods, 1 + 2 seeds, 2 epochs."""
+    base = StudyConfig(
+        scenarios=("hidden-variant", "rare-class"),
+        methods=("erm", "kl-beta", "class-balanced"),
+        tuning_seeds=(100,),
+        evaluation_seeds=(0, 1),
+        epochs=2,
+        workers=1,
+    )
+    return replace(base, **changes)
