@@ -136,12 +136,15 @@ def test_lightning_two_devices_use_the_distributed_sampler(tmp_path: Path) -> No
 def test_lightning_rejects_the_distributed_sampler_wrapper() -> None:
     callback = HardnessWeightedSampling(_sampler())
     trainer = SimpleNamespace(
-        world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True)
+        world_size=2,
+        _accelerator_connector=SimpleNamespace(use_distributed_sampler=True),
+        strategy=SimpleNamespace(process_dataloader=lambda loader: loader),
     )
     with pytest.raises(ValueError, match="use_distributed_sampler=False"):
         callback.setup(trainer, None, "fit")
     trainer._accelerator_connector.use_distributed_sampler = False
     callback.setup(trainer, None, "fit")  # the distributed path of the sampler is fine
+    callback.teardown(trainer, None, "fit")
 
 
 def test_lightning_rejects_a_loader_without_the_sampler(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """PyTorch Lightning adapter: a callback that feeds the sampler and keeps it in checkpoints.
 
-The contract a ``LightningModule`` follows (``docs/integrations.md`` has a complete example):
+The contract a ``LightningModule`` follows (``docs/lightning.md`` has a complete example):
 
 - the training DataLoader is ``DataLoader(IndexedDataset(dataset), batch_sampler=sampler)``,
   so each batch is ``(data, draw)``;
@@ -9,14 +9,15 @@ The contract a ``LightningModule`` follows (``docs/integrations.md`` has a compl
 
 The callback then writes ``per_example_loss`` into the table after every training batch,
 logs ``sampler.stats()`` at the end of each epoch, saves the sampler's state in Lightning
-checkpoints and restores it on ``fit(ckpt_path=...)``. Under multi-device training the
-sampler distributes itself (``docs/distributed.md``), so Lightning must not wrap it:
+checkpoints and restores it on ``fit(ckpt_path=...)``, from end-of-epoch and mid-epoch
+checkpoints alike, before the DataLoader draws its first batch. Under multi-device training
+the sampler distributes itself (``docs/distributed.md``), so Lightning must not wrap it:
 ``Trainer(use_distributed_sampler=False)`` is required and checked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -49,20 +50,33 @@ def _find_callback(trainer: Trainer | None) -> HardnessWeightedSampling | None:
     return None
 
 
+_CONTRACT = (
+    "the training DataLoader must be DataLoader(IndexedDataset(dataset), "
+    "batch_sampler=HardnessWeightedSampler(...))"
+)
+
+
 class HardnessWeightedSampling(Callback):
     """Connects a ``HardnessWeightedSampler`` in the training DataLoader to the fit loop.
 
     Args:
         sampler: the sampler, or None to take it from the training DataLoader's
-            ``batch_sampler`` when training starts (useful when ``train_dataloader()``
-            builds it, which it must under DDP: the process group exists only then).
+            ``batch_sampler`` (useful when ``train_dataloader()`` builds it, which it must
+            under DDP: the process group exists only then).
         log_stats: log ``sampler.stats()`` (prefixed ``torchdro/``) at each epoch's end.
+
+    Resuming: the sampler's state (table, generator, position in the epoch and the batches
+    drawn but not yet updated) is restored the moment Lightning hands over the training
+    DataLoader, before the DataLoader is iterated: with workers, the DataLoader draws its
+    prefetched batches as soon as it is iterated, before any epoch-start hook runs.
     """
 
     def __init__(self, sampler: HardnessWeightedSampler | None = None, *, log_stats: bool = True):
         self.sampler = sampler
         self.log_stats = log_stats
         self._restored: Mapping[str, Any] | None = None
+        self._seen_in_fit = False  # the sampler was found in this fit's training DataLoader
+        self._hooked: tuple[Any, Callable[[object], object], bool] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         distributed = trainer.world_size > 1
@@ -73,24 +87,79 @@ class HardnessWeightedSampling(Callback):
                 "it into a fixed list once per epoch and throws away every update made "
                 "during the epoch. torchdro's sampler distributes itself across ranks."
             )
+        if stage == "fit":
+            self._seen_in_fit = False
+            self._hook_dataloader_processing(trainer)
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._unhook()
+
+    # Lightning's FitLoop.setup_data() requests the training DataLoader (train_dataloader(),
+    # or the loader given to fit), passes it through Strategy.process_dataloader and then
+    # calls iter() on it, all before on_train_start; no callback hook runs in between. With
+    # workers, iter() makes the DataLoader draw prefetch_factor x num_workers batches at once,
+    # so the sampler must be restored inside process_dataloader, on the way through.
+    def _hook_dataloader_processing(self, trainer: Trainer) -> None:
+        self._unhook()
+        strategy = trainer.strategy
+        original = strategy.process_dataloader
+        had_own = "process_dataloader" in vars(strategy)
+
+        def process_dataloader(dataloader: object) -> object:
+            dataloader = original(dataloader)
+            if trainer.training:  # the training DataLoader, not a validation one
+                self._attach(dataloader)
+            return dataloader
+
+        strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
+        self._hooked = (strategy, original, had_own)
+
+    def _unhook(self) -> None:
+        if self._hooked is None:
+            return
+        strategy, original, had_own = self._hooked
+        if had_own:
+            strategy.process_dataloader = original
+        else:
+            vars(strategy).pop("process_dataloader", None)
+        self._hooked = None
+
+    def _attach(self, dataloader: object) -> None:
+        found = getattr(dataloader, "batch_sampler", None)
+        if not isinstance(found, HardnessWeightedSampler):
+            return  # one of several training loaders; on_train_start checks one was ours
+        if self.sampler is None:
+            self.sampler = found
+        elif found is not self.sampler:
+            raise ValueError(
+                "the training DataLoader holds another sampler than this callback (a new "
+                "sampler built by train_dataloader() on a reload starts from scratch): "
+                "build the sampler once, outside train_dataloader(), and pass it to both"
+            )
+        self._seen_in_fit = True
+        if self._restored is not None:
+            self.sampler.load_state_dict(self._restored)
+            self._restored = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._seen_in_fit:
+            return
         loader = trainer.train_dataloader
         found = getattr(loader, "batch_sampler", None)
         if not isinstance(found, HardnessWeightedSampler):
             raise ValueError(
-                "the training DataLoader must be DataLoader(IndexedDataset(dataset), "
-                f"batch_sampler=HardnessWeightedSampler(...)); its batch_sampler is "
-                f"{type(found).__name__}. If Lightning replaced it, set "
-                "Trainer(use_distributed_sampler=False)."
+                f"{_CONTRACT}; its batch_sampler is {type(found).__name__}. If Lightning "
+                "replaced it, set Trainer(use_distributed_sampler=False)."
             )
-        if self.sampler is None:
-            self.sampler = found
-        elif found is not self.sampler:
-            raise ValueError("the training DataLoader holds another sampler than this callback")
         if self._restored is not None:
-            self.sampler.load_state_dict(self._restored)
-            self._restored = None
+            # The loader did not pass through Strategy.process_dataloader (another Lightning
+            # version?): it has been iterated already, so a restored stream would diverge.
+            raise RuntimeError(
+                "HardnessWeightedSampling could not restore the sampler before Lightning "
+                "iterated the training DataLoader; the resumed run would not continue the "
+                "saved one"
+            )
+        self._attach(loader)
 
     def on_train_batch_end(
         self,
@@ -105,7 +174,8 @@ class HardnessWeightedSampling(Callback):
                 "training_step must return a dict with 'loss', 'per_example_loss' (one loss "
                 "per example, shape (B,)) and 'draw' (the DrawInfo of the batch)"
             )
-        assert self.sampler is not None
+        if self.sampler is None:
+            raise RuntimeError(f"HardnessWeightedSampling has no sampler: {_CONTRACT}")
         self.sampler.update(outputs["draw"], outputs["per_example_loss"].detach())
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -117,6 +187,7 @@ class HardnessWeightedSampling(Callback):
         return {} if self.sampler is None else self.sampler.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores callbacks before the DataLoader exists: apply when training starts.
+        # Lightning restores callbacks before it requests the training DataLoader: the state
+        # is applied when the DataLoader passes through Strategy.process_dataloader.
         if state_dict:
             self._restored = state_dict
