@@ -6,9 +6,15 @@ marks. The loop differs from ERM in four lines, marked "DRO". It prints the accu
 normal and inverted test images, writes the sampler's diagnostics to CSV (and TensorBoard if
 installed) and a PNG of the sampling distribution.
 
-    python examples/train_plain_pytorch.py [--out runs/plain] [--epochs 60] [--beta 2]
+    python examples/train_plain_pytorch.py [--out runs/plain_pytorch] [--epochs 60] [--beta 1]
 
-Runs in well under a minute on a CPU.
+Runs in well under a minute on a CPU. With the defaults the sampling distribution stays
+spread out: the lowest effective sample size over training, printed at the end, was 430 to
+480 of 898 examples (seeds 0, 1, 2), far above the collapse warning's 10% of N, so no
+``SamplerCollapseWarning`` is issued; inverted test images scored 0.57 to 0.70 against 0.15
+to 0.36 with ERM (``--beta 0``). ``--beta 2`` scores higher still (0.66 with seed 0) but the
+distribution collapses for a few epochs mid-training (ESS down to 7 at epoch 25, seed 0), and
+the sampler warns each time.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/plain_pytorch"))
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--beta", type=float, default=2.0)
+    parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -102,17 +108,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     with torch.no_grad():
         correct = model(x_test).argmax(dim=1) == y_test
+    # The collapse check only looks at tables in which every example has a real loss.
+    covered = [row["effective_sample_size"] for row in logger.history if row["coverage"] == 1.0]
     result = {
         "accuracy_normal": correct[~inverted].float().mean().item(),
         "accuracy_inverted": correct[inverted].float().mean().item(),
         "effective_sample_size": sampler.effective_sample_size(),
+        "min_effective_sample_size": min(covered, default=float("nan")),
         "seconds": time.perf_counter() - start,
     }
     plot_sampler(logger, args.out / "sampler.png")
     print(
         f"test accuracy: normal {result['accuracy_normal']:.3f}, "
         f"inverted (rare in training) {result['accuracy_inverted']:.3f}; "
-        f"ESS {result['effective_sample_size']:.0f} of {len(train)}; "
+        f"ESS {result['effective_sample_size']:.0f} of {len(train)} "
+        f"(lowest over training {result['min_effective_sample_size']:.0f}); "
         f"{result['seconds']:.1f} s; diagnostics in {args.out}"
     )
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import runpy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,20 @@ def test_plain_pytorch_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert (tmp_path / "sampler.png").stat().st_size > 10_000
     assert 0.5 < result["accuracy_normal"] <= 1.0
     assert 0 < result["effective_sample_size"] <= 898
+    assert 0 < result["min_effective_sample_size"] <= 898
+
+
+def test_plain_pytorch_example_defaults_do_not_warn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its docstring promises that the documented defaults (60 epochs, beta 1) stay quiet.
+    pytest.importorskip("sklearn")
+    from torchdro import SamplerCollapseWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SamplerCollapseWarning)
+        result = _run_example("train_plain_pytorch.py", ["--out", str(tmp_path)], monkeypatch)
+    assert result["min_effective_sample_size"] > 0.1 * 898
 
 
 def test_ddp_example_with_torchrun(tmp_path: Path) -> None:
