@@ -1,4 +1,4 @@
-"""The ``torchdro`` command: ``torchdro experiment digits|seg3d [options]``."""
+"""The ``torchdro`` command line: the ERM-vs-DRO studies and the nnU-Net v2 wrapper."""
 
 from __future__ import annotations
 
@@ -7,19 +7,56 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+DESCRIPTION = """\
+torchdro: distributionally robust deep learning by hardness weighted sampling.
+
+commands:
+  experiment digits   the pre-registered digits study (ERM against DRO and baselines)
+  experiment seg3d    the synthetic 3D segmentation study (MONAI)
+  nnunet train|predict|env
+                      nnU-Net v2 with hardness weighted sampling; options after the action
+                      go to nnUNetv2_train / nnUNetv2_predict (--help included)
+
+Run "torchdro COMMAND --help" for a command's options."""
+
+# Measured on the 2-core CPU machine (docs/experiments.md, "Compute budget").
+DIGITS_MINUTES = {"evaluate": "about 8 min", "tune": "about 16 min", "all": "about 40 min"}
+
 
 def _digits(args: argparse.Namespace) -> int:
     from torchdro.experiments import digits
 
-    methods = tuple(
-        digits.Method(m.name, m.lr, beta=args.beta if m.name == "dro" else m.beta,
-                      focal_gamma=m.focal_gamma)
-        for m in digits.Config().methods
-    )  # fmt: skip
-    config = digits.Config(seeds=args.seeds, epochs=args.epochs, methods=methods)
-    runs = digits.run_study(config, args.out)
-    print(digits.results_table(config, runs))
-    print(f"\nwrote {args.out / 'results.json'}, {args.out / 'report.md'} and PNG plots")
+    chosen = {
+        "evaluation_seeds": tuple(range(args.seeds)),
+        "epochs": args.epochs,
+        "tables": args.tables,
+        "workers": args.workers,
+    }
+    if args.methods:
+        chosen["methods"] = tuple(args.methods.split(","))
+    if args.scenarios:
+        chosen["scenarios"] = tuple(args.scenarios.split(","))
+    try:
+        config = digits.StudyConfig(**chosen)
+    except ValueError as error:
+        raise SystemExit(f"torchdro experiment digits: {error}") from None
+    stage = args.stage
+    if stage == "evaluate" and not args.tuning_file.exists():
+        print(
+            f"no tuning result at {args.tuning_file}: running the tuning stage first (--stage all)",
+            file=sys.stderr,
+        )
+        stage = "all"
+    tuning, runs, families = digits.run_study(config, args.out, stage, args.tuning_file)
+    if stage == "tune":
+        print(f"wrote the tuning result to {args.tuning_file} and {args.out / 'tuning.json'}")
+        return 0
+    tuned_epochs = tuning.get("config", {}).get("epochs", config.epochs)
+    if tuned_epochs != config.epochs:
+        print(f"note: configurations were tuned at {tuned_epochs} epochs, evaluated at "
+              f"{config.epochs}: a deviation from the protocol")  # fmt: skip
+    print(digits.results_table(tuning, runs, families))
+    print(f"\nwrote {args.out / 'results.json'}, {args.out / 'report.md'} and worst_group.png")
     return 0
 
 
@@ -38,9 +75,20 @@ def _seg3d(args: argparse.Namespace) -> int:
     return 0
 
 
+def nnunet_tool(action: str) -> str:
+    """The nnU-Net executable for ``action``, preferably from this Python's environment."""
+    import shutil
+
+    tool = {"train": "nnUNetv2_train", "predict": "nnUNetv2_predict"}[action]
+    beside = Path(sys.executable).with_name(tool)
+    executable = str(beside) if beside.exists() else shutil.which(tool)
+    if executable is None:
+        raise SystemExit(f"{tool} not found: pip install torchdro[nnunet]")
+    return executable
+
+
 def _nnunet(args: argparse.Namespace, rest: list[str]) -> int:
     import os
-    import shutil
     import subprocess
 
     from torchdro.integrations.nnunet_env import TRAINER_FOLDER, settings_environment
@@ -49,14 +97,18 @@ def _nnunet(args: argparse.Namespace, rest: list[str]) -> int:
     folders = [TRAINER_FOLDER, *filter(None, env.get("nnUNet_extTrainer", "").split(os.pathsep))]
     env["nnUNet_extTrainer"] = os.pathsep.join(dict.fromkeys(folders))
     if args.action == "env":
+        if rest:
+            raise SystemExit(f"torchdro nnunet env takes no arguments, got {' '.join(rest)}")
         print(f"export nnUNet_extTrainer={env['nnUNet_extTrainer']}")
         return 0
-    tool = {"train": "nnUNetv2_train", "predict": "nnUNetv2_predict"}[args.action]
-    beside = Path(sys.executable).with_name(tool)  # the same environment as this Python
-    executable = str(beside) if beside.exists() else shutil.which(tool)
-    if executable is None:
-        raise SystemExit(f"{tool} not found: pip install torchdro[nnunet]")
-    command = [executable, *rest]
+    command = [nnunet_tool(args.action), *rest]
+    if "-h" in rest or "--help" in rest:  # nnU-Net's own help, untouched
+        print(
+            "torchdro nnunet: nnU-Net's help follows; torchdro's own options "
+            "(--trainer, --beta, --importance-weights) are in `torchdro nnunet --help`.",
+            flush=True,
+        )
+        return subprocess.run(command, env=env, check=False).returncode
     if "-tr" not in rest:
         command += ["-tr", args.trainer]
     if args.action == "train":
@@ -68,21 +120,83 @@ def _nnunet(args: argparse.Namespace, rest: list[str]) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchdro", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    experiment = commands.add_parser("experiment", help="run an ERM-vs-DRO study")
-    studies = experiment.add_subparsers(dest="study", required=True)
+def _add_nnunet_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trainer", default="nnUNetTrainerDRO", help="a torchdro trainer variant")
+    parser.add_argument("--beta", type=float, help="overrides the variant's beta (default 100)")
+    parser.add_argument(
+        "--importance-weights",
+        action="store_true",
+        default=None,
+        help="weight each case's loss by its importance weight",
+    )
 
-    digits = studies.add_parser("digits", help="digits with a rare sub-population (~3 min)")
-    digits.add_argument("--out", type=Path, default=Path("results/digits"))
-    digits.add_argument("--seeds", type=int, default=10)
-    digits.add_argument("--epochs", type=int, default=60)
-    digits.add_argument("--beta", type=float, default=2.0, help="DRO's beta (1/nats)")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``torchdro`` argument parser."""
+    import torchdro
+
+    parser = argparse.ArgumentParser(
+        prog="torchdro", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"torchdro {torchdro.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    experiment = commands.add_parser(
+        "experiment", help="run a study (digits or seg3d)", description="Run a study."
+    )
+    studies = experiment.add_subparsers(dest="study", required=True, metavar="STUDY")
+
+    digits = studies.add_parser(
+        "digits",
+        help=f"the digits study v2 ({DIGITS_MINUTES['evaluate']} from the committed tuning)",
+        description="The pre-registered digits study (docs/experiments.md). By default the "
+        "evaluation stage runs from the committed tuning result "
+        f"({DIGITS_MINUTES['evaluate']} on 2 CPU cores); --stage tune reruns the tuning "
+        f"({DIGITS_MINUTES['tune']}); --stage all --tables all runs the whole study "
+        f"({DIGITS_MINUTES['all']}).",
+    )
+    digits.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/digits"),
+        help="folder for results.json, report.md, tuning.json and plots (default %(default)s)",
+    )
+    digits.add_argument(
+        "--stage",
+        choices=("evaluate", "tune", "all"),
+        default="evaluate",
+        help="evaluate: from --tuning-file (default; tunes first if it is missing); "
+        "tune: rerun the tuning and write --tuning-file; all: both",
+    )
+    digits.add_argument(
+        "--tuning-file",
+        type=Path,
+        default=None,
+        help="the tuning result to evaluate from or to write (default: the committed one)",
+    )
+    digits.add_argument(
+        "--tables",
+        choices=("headline", "all"),
+        default="headline",
+        help="headline: each method's best over the whole grid; all: also per regime",
+    )
+    digits.add_argument("--seeds", type=int, default=10, help="evaluation seeds (default 10)")
+    digits.add_argument("--epochs", type=int, default=40, help="epochs per run (default 40)")
+    digits.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    digits.add_argument("--methods", help="comma-separated subset of the methods (default all)")
+    digits.add_argument("--scenarios", help="comma-separated subset of the scenarios")
     digits.set_defaults(run=_digits)
 
-    seg = studies.add_parser("seg3d", help="synthetic 3D segmentation with rare anatomy (~8 min)")
-    seg.add_argument("--out", type=Path, default=Path("results/seg3d"))
+    seg = studies.add_parser(
+        "seg3d",
+        help="synthetic 3D segmentation with rare anatomy (about 9 min)",
+        description="The synthetic 3D segmentation study (MONAI; about 9 min on 2 CPU cores).",
+    )
+    seg.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/seg3d"),
+        help="folder for results.json, report.md and plots (default %(default)s)",
+    )
     seg.add_argument("--seeds", type=int, help="generated data sets (default 5)")
     seg.add_argument("--steps", type=int, help="SGD steps per run (default 1000)")
     seg.add_argument("--beta", type=float, help="DRO's beta; default: from the ERM run")
@@ -93,24 +207,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     nnunet = commands.add_parser(
         "nnunet",
-        help="nnU-Net v2 with hardness weighted sampling (arguments after the action go to "
-        "nnUNetv2_train / nnUNetv2_predict)",
+        help="nnU-Net v2 with hardness weighted sampling",
+        description="Run nnUNetv2_train / nnUNetv2_predict with a torchdro trainer. Arguments "
+        "after the action go to nnU-Net: `torchdro nnunet train --help` shows nnU-Net's help. "
+        "`env` prints the environment variable that makes nnU-Net find the trainers.",
     )
     nnunet.add_argument("action", choices=("train", "predict", "env"))
-    nnunet.add_argument("--trainer", default="nnUNetTrainerDRO", help="a torchdro trainer variant")
-    nnunet.add_argument("--beta", type=float, help="overrides the variant's beta (default 100)")
-    nnunet.add_argument("--importance-weights", action="store_true", default=None)
+    _add_nnunet_options(nnunet)
     nnunet.set_defaults(run=None)
     return parser
 
 
+def _nnunet_action_parser() -> argparse.ArgumentParser:
+    # No -h of its own: after an action, --help belongs to nnU-Net.
+    parser = argparse.ArgumentParser(prog="torchdro nnunet", add_help=False, allow_abbrev=False)
+    parser.add_argument("action", choices=("train", "predict"))
+    _add_nnunet_options(parser)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``torchdro`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "nnunet" and argv[1] in ("train", "predict"):
+        args, rest = _nnunet_action_parser().parse_known_args(argv[1:])
+        return _nnunet(args, rest)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "nnunet":
         return _nnunet(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "study", None) == "digits" and args.tuning_file is None:
+        from torchdro.experiments.digits import TUNING_FILE
+
+        args.tuning_file = TUNING_FILE
     return int(args.run(args))
 
 
