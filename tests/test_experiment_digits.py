@@ -267,9 +267,7 @@ def test_smoke_study_and_results_schema(tmp_path: Path) -> None:
     config = digits.smoke_config(methods=("erm", "kl-beta", "class-balanced", "cvar"))
     out = tmp_path / "digits"
     digits._cached_split.cache_clear()
-    tuning, records, families = digits.run_study(
-        config, out, "all", tuning_file=tmp_path / "unused.json", bar=False
-    )
+    digits.run_study(config, out, "all", tuning_file=tmp_path / "unused.json", bar=False)
     payload = json.loads((out / "results.json").read_text())
     assert payload["experiment"] == "digits" and payload["study"] == digits.STUDY
     assert payload["config"]["evaluation_seeds"] == [0, 1]
