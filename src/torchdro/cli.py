@@ -19,8 +19,9 @@ commands:
 
 Run "torchdro COMMAND --help" for a command's options."""
 
-# Measured on the 2-core CPU machine (docs/experiments.md, "Compute budget").
-DIGITS_MINUTES = {"evaluate": "about 8 min", "tune": "about 16 min", "all": "about 40 min"}
+# Projected for an idle 2-core CPU machine from per-run times (docs/experiments.md, "Compute
+# budget"); a busy machine takes up to 2.5 times longer.
+DIGITS_MINUTES = {"evaluate": "about 7 min", "tune": "about 12 min", "all": "about 25 min"}
 
 
 def _digits(args: argparse.Namespace) -> int:

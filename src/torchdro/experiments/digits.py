@@ -580,6 +580,10 @@ def tune(config: StudyConfig, bar: bool = True) -> dict[str, Any]:
         "skipped": skipped,
         "selected": select_all(records, config),
         "seconds": sum(r.seconds for r in records),
+        "seconds_by_method": {
+            m: sum(r.seconds for r in recs)
+            for m, recs in study.group_by(records, lambda r: r.method).items()
+        },
         "runs": records,
     }
 
@@ -780,6 +784,11 @@ def report(
         "## Wall time",
         "",
         *(f"- {stage}: {s / 60:.1f} min" for stage, s in seconds.items()),
+        *(
+            f"- tuning, {method}: {s / 60:.1f} min of CPU time (12 configurations, first "
+            "stages included)"
+            for method, s in tuning.get("seconds_by_method", {}).items()
+        ),
         "",
         "Per-run numbers are in `results.json`; `worst_group.png` plots each headline "
         "comparison with its adjusted interval (the grey band is ±δ).",
