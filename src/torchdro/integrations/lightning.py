@@ -17,6 +17,7 @@ the sampler distributes itself (``docs/distributed.md``), so Lightning must not 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -128,13 +129,20 @@ class HardnessWeightedSampling(Callback):
         found = getattr(dataloader, "batch_sampler", None)
         if not isinstance(found, HardnessWeightedSampler):
             return  # one of several training loaders; on_train_start checks one was ours
+        if callable(getattr(dataloader, "state_dict", None)):
+            raise ValueError(
+                f"the training DataLoader ({type(dataloader).__name__}) keeps its own state, "
+                "which Lightning restores after this callback has restored the sampler, from "
+                "its own older snapshot when workers prefetch: a resumed run would diverge. "
+                "Use torch.utils.data.DataLoader; the callback resumes the sampler exactly."
+            )
         if self.sampler is None:
             self.sampler = found
         elif found is not self.sampler:
             raise ValueError(
-                "the training DataLoader holds another sampler than this callback (a new "
-                "sampler built by train_dataloader() on a reload starts from scratch): "
-                "build the sampler once, outside train_dataloader(), and pass it to both"
+                "the training DataLoader holds another sampler than this callback; a "
+                "train_dataloader() called again (reload_dataloaders_every_n_epochs) must "
+                "reuse the sampler it built the first time, or the table starts over"
             )
         self._seen_in_fit = True
         if self._restored is not None:
@@ -142,8 +150,11 @@ class HardnessWeightedSampling(Callback):
             self._restored = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._seen_in_fit:
-            return
+        if not self._seen_in_fit:
+            self._find_late(trainer)
+        self._warn_if_epochs_are_cut(trainer)
+
+    def _find_late(self, trainer: Trainer) -> None:
         loader = trainer.train_dataloader
         found = getattr(loader, "batch_sampler", None)
         if not isinstance(found, HardnessWeightedSampler):
@@ -161,6 +172,20 @@ class HardnessWeightedSampling(Callback):
             )
         self._attach(loader)
 
+    def _warn_if_epochs_are_cut(self, trainer: Trainer) -> None:
+        assert self.sampler is not None
+        batches, sampler_batches = trainer.num_training_batches, len(self.sampler)
+        if batches < sampler_batches:
+            warnings.warn(
+                f"Lightning cuts each training epoch to {batches} batches (limit_train_batches) "
+                f"but the sampler's epoch has {sampler_batches}: the next pass continues the "
+                "sampler's epoch where the last stopped, and batches the workers prefetched "
+                "are dropped, so the epochs depend on num_workers. Build the sampler with "
+                f"num_batches={batches} instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def on_train_batch_end(
         self,
         trainer: Trainer,
@@ -177,6 +202,19 @@ class HardnessWeightedSampling(Callback):
         if self.sampler is None:
             raise RuntimeError(f"HardnessWeightedSampling has no sampler: {_CONTRACT}")
         self.sampler.update(outputs["draw"], outputs["per_example_loss"].detach())
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self._discard_in_flight()
+
+    def _discard_in_flight(self) -> None:
+        # Lightning ends its epoch here and drops the DataLoader's iterator. When its epoch is
+        # shorter than the sampler's (limit_train_batches), batches the workers prefetched
+        # are never trained on; a checkpoint must not replay them on resume, or the resumed
+        # run would train on batches the uninterrupted one never saw.
+        assert self.sampler is not None
+        state = self.sampler.state_dict()
+        if state["pending"]:
+            state["pending"] = []
+            self.sampler.load_state_dict(state)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.log_stats and self.sampler is not None:
