@@ -56,7 +56,7 @@ def _sampler() -> HardnessWeightedSampler:
 def _snapshot(sampler: HardnessWeightedSampler) -> dict:
     state = sampler.state_dict()
     state["probabilities"] = sampler.probabilities()
-    state["tree"] = [level.copy() for level in sampler._tree.levels]
+    state["tree"] = [level.copy() for level in sampler.table._tree.levels]
     return state
 
 

@@ -309,7 +309,7 @@ def test_state_dict_holds_only_tensors_and_plain_values() -> None:
         return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
 
     assert plain(state)
-    assert state["version"] == 1
+    assert state["version"] == 2
 
 
 def test_core_imports_no_optional_framework() -> None:

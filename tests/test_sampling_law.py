@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pytest
 
-import torchdro.sampler as sampler_module
+import torchdro.table as table_module
 from torchdro import HardnessWeightedSampler
 
 from helpers import ALPHA, chi_square_pvalue, softmax
@@ -111,11 +111,11 @@ def test_without_replacement_test_has_power() -> None:
 
 def test_deep_tree_law(monkeypatch: pytest.MonkeyPatch) -> None:
     # A tree with several levels below its top, at the sampler level.
-    monkeypatch.setattr(sampler_module, "_FANOUT", 3)
-    monkeypatch.setattr(sampler_module, "_TOP_SIZE", 2)
+    monkeypatch.setattr(table_module, "_FANOUT", 3)
+    monkeypatch.setattr(table_module, "_TOP_SIZE", 2)
     losses = np.random.default_rng(5).random(50)
     sampler = _sampler(losses, 16, 4.0, True, seed=14)
-    assert sampler._tree.depth >= 3
+    assert sampler.table._tree.depth >= 3
     counts = np.bincount(_batches(sampler, 3000).ravel(), minlength=50)
     assert chi_square_pvalue(counts, softmax(4.0 * losses)) > ALPHA
 
@@ -125,7 +125,7 @@ def test_large_table_law_by_bins() -> None:
     n = 5000
     losses = np.random.default_rng(6).random(n) * 2
     sampler = _sampler(losses, 64, 2.0, True, seed=15)
-    assert sampler._tree.depth >= 1
+    assert sampler.table._tree.depth >= 1
     draws = _batches(sampler, 800).ravel()
     bins = np.arange(n) % 25
     law = np.bincount(bins, weights=softmax(2.0 * losses), minlength=25)

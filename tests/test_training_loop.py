@@ -27,12 +27,15 @@ class RecordingSampler(HardnessWeightedSampler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.draws: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        draw = self.table.draw_arrays
 
-    def draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        table_log_p = self.log_probabilities().copy()
-        indices, log_probs = super().draw(count)
-        self.draws.append((indices.copy(), log_probs.copy(), table_log_p))
-        return indices, log_probs
+        def recording_draw(count: int) -> tuple[np.ndarray, np.ndarray]:
+            table_log_p = self.log_probabilities().numpy().copy()
+            indices, log_probs = draw(count)
+            self.draws.append((indices.copy(), log_probs.copy(), table_log_p))
+            return indices, log_probs
+
+        self.table.draw_arrays = recording_draw  # type: ignore[method-assign]
 
 
 def _loader(sampler: HardnessWeightedSampler, workers: int) -> DataLoader:

@@ -2,23 +2,22 @@
 
 from torchdro.data import IndexedDataset, dice_ce_per_case, per_example_mean, soft_dice_per_case
 from torchdro.diagnostics import SamplerLogger, plot_sampler
+from torchdro.distributed import UpdateFailedOnAnotherRank
 from torchdro.losses import beta_for_kl_radius, dro_loss
-from torchdro.sampler import (
-    STATE_VERSION,
-    DrawInfo,
-    DrawnIndex,
-    HardnessWeightedSampler,
-    SamplerCollapseWarning,
-)
+from torchdro.records import DrawInfo, DrawnIndex
+from torchdro.sampler import HardnessWeightedSampler
+from torchdro.table import LossTable, SamplerCollapseWarning, TableSettings
 
 __all__ = [
-    "STATE_VERSION",
     "DrawInfo",
     "DrawnIndex",
     "HardnessWeightedSampler",
     "IndexedDataset",
+    "LossTable",
     "SamplerCollapseWarning",
     "SamplerLogger",
+    "TableSettings",
+    "UpdateFailedOnAnotherRank",
     "__version__",
     "beta_for_kl_radius",
     "dice_ce_per_case",
@@ -28,4 +27,4 @@ __all__ = [
     "soft_dice_per_case",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

@@ -42,10 +42,20 @@ def check_count(value: Any, name: str) -> int:
     return check_int(value, name, 0)
 
 
+# Floating dtypes numpy has; others (bfloat16, float8 variants) are widened to float64.
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 def to_numpy(values: Any) -> np.ndarray:
-    """A host numpy view or copy of a tensor, array or sequence (no gradient)."""
+    """A host numpy view or copy of a tensor, array or sequence (no gradient).
+
+    Floating tensors of a dtype numpy lacks (bfloat16, float8) come back as float64.
+    """
     if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
+        values = values.detach()
+        if values.is_floating_point() and values.dtype not in _NUMPY_FLOATS:
+            values = values.to(torch.float64)
+        return values.cpu().numpy()
     return np.asarray(values)
 
 
@@ -68,8 +78,8 @@ def check_indices(indices: Any, num_samples: int) -> np.ndarray:
     return array
 
 
-def check_finite_vector(values: Any, length: int | None, name: str) -> np.ndarray:
-    """A 1-D finite float64 array (of ``length`` entries when given)."""
+def check_real_vector(values: Any, length: int | None, name: str) -> np.ndarray:
+    """A 1-D float64 array (of ``length`` entries when given); NaN and inf pass."""
     array = to_numpy(values)
     if array.dtype == np.bool_ or not (
         np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
@@ -79,10 +89,24 @@ def check_finite_vector(values: Any, length: int | None, name: str) -> np.ndarra
         raise ValueError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
     if length is not None and array.shape[0] != length:
         raise ValueError(f"{name} has {array.shape[0]} entries, expected {length}")
-    array = array.astype(np.float64, copy=False)
+    return array.astype(np.float64, copy=False)
+
+
+def check_finite_vector(values: Any, length: int | None, name: str) -> np.ndarray:
+    """A 1-D finite float64 array (of ``length`` entries when given)."""
+    array = check_real_vector(values, length, name)
     if not np.isfinite(array).all():
-        raise ValueError(f"{name} must be finite, found NaN or inf")
+        bad = np.flatnonzero(~np.isfinite(array))
+        raise ValueError(
+            f"{name} must be finite, found NaN or inf at position(s) {describe_positions(bad)}"
+        )
     return array
+
+
+def describe_positions(positions: np.ndarray, limit: int = 8) -> str:
+    """'3, 7, 9' or '3, 7, ... (12 in all)': a short list for an error message."""
+    shown = ", ".join(str(int(p)) for p in positions[:limit])
+    return shown if positions.size <= limit else f"{shown}, ... ({positions.size} in all)"
 
 
 def check_momentum(momentum: Any) -> float:

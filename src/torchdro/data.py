@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import FrameType
 from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, Dataset
 
-from torchdro.sampler import DrawInfo
+from torchdro._warnings import warn_user
+from torchdro.records import DrawInfo
 
 __all__ = [
     "IndexedDataset",
@@ -50,6 +52,8 @@ class IndexedDataset(Dataset[tuple[T, DrawInfo]], Generic[T]):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
+        if isinstance(index, (list, tuple)):
+            raise TypeError(_AS_SAMPLER)
         log_prob = float(getattr(index, "log_prob", math.nan))
         batch = int(getattr(index, "batch", -1))
         item = self.dataset[int(index)]
@@ -59,6 +63,48 @@ class IndexedDataset(Dataset[tuple[T, DrawInfo]], Generic[T]):
         if not isinstance(item, Mapping):
             raise TypeError(f"IndexedDataset(key={self.key!r}) needs dict items, got {type(item)}")
         return {**item, self.key: draw}
+
+
+_AS_SAMPLER = (
+    "IndexedDataset received a whole batch of indices as one index: the "
+    "HardnessWeightedSampler was passed as DataLoader(..., sampler=...). It is a batch "
+    "sampler: write DataLoader(IndexedDataset(dataset), batch_sampler=sampler) and leave out "
+    "batch_size, shuffle and drop_last."
+)
+_AS_SAMPLER_LOADER = _AS_SAMPLER.replace("IndexedDataset received", "The DataLoader got")
+_NOT_INDEXED = (
+    "the DataLoader that iterates the HardnessWeightedSampler holds a {name}, not an "
+    "IndexedDataset: its batches will not carry the draw record that sampler.update needs "
+    "(the index and drawn probability of each example). Write "
+    "DataLoader(IndexedDataset(dataset), batch_sampler=sampler) and iterate "
+    "`for batch, draw in loader`."
+)
+
+
+def check_loader_wiring(frame: FrameType | None) -> None:
+    """Catch a sampler wired into a DataLoader the wrong way, from the frame iterating it.
+
+    ``sampler=`` instead of ``batch_sampler=`` would silently yield batches of shape
+    (1, B, ...) or fail deep inside the DataLoader: a TypeError says what to write. A
+    dataset that is not an ``IndexedDataset`` gets a warning (a custom dataset may carry
+    the record itself).
+    """
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    for _ in range(4):  # the DataLoader's iterator is at most a few frames up
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, BatchSampler):
+            raise TypeError(_AS_SAMPLER_LOADER)
+        if isinstance(owner, _BaseDataLoaderIter):
+            dataset = getattr(owner, "_dataset", None)
+            if getattr(owner, "_auto_collation", True) is False:
+                raise TypeError(_AS_SAMPLER_LOADER)
+            if dataset is not None and not isinstance(dataset, IndexedDataset):
+                warn_user(_NOT_INDEXED.format(name=type(dataset).__name__), UserWarning)
+            return
+        frame = frame.f_back
 
 
 def per_example_mean(loss: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,608 @@
+"""The loss table: stale per-example losses, the law drawn from them, draws, writes, weights.
+
+``LossTable`` owns everything that depends on the table of losses and nothing about epochs
+or batches: the table itself, the log-domain tree over beta * L, the generator, drawing,
+writing (with momentum), importance weights, beta and its calibration, and every inspection
+method. ``HardnessWeightedSampler`` composes it with a batch stream (``torchdro.stream``);
+the nnU-Net trainer, which draws in its own data loader, holds a table directly. See
+``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from torchdro._validation import (
+    check_beta,
+    check_clip,
+    check_count,
+    check_finite_vector,
+    check_flag,
+    check_fraction,
+    check_indices,
+    check_momentum,
+    check_positive_int,
+    check_real_vector,
+    describe_positions,
+    to_numpy,
+)
+from torchdro._warnings import warn_user
+from torchdro.losses import beta_for_kl_radius, dro_loss
+from torchdro.records import DrawInfo, Indices, Values, unpack
+from torchdro.tree import REMOVED, LogSumTree
+
+__all__ = ["LossTable", "SamplerCollapseWarning", "TableSettings"]
+
+_INIT_NOISE = 1e-6  # relative size of the tie-breaking noise added to a constant init_loss
+_FANOUT = 32
+_TOP_SIZE = 1024
+
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+class SamplerCollapseWarning(UserWarning):
+    """The sampling distribution's effective sample size fell below the set fraction of N."""
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """The table's validated settings; build a changed copy with ``dataclasses.replace``.
+
+    Fields (units): ``num_samples`` N; ``beta`` (inverse loss units, the current value);
+    ``kl_radius`` (nats, or None); ``replacement``; ``momentum`` in [0, 1);
+    ``importance_weights``; ``clip_weights`` (low, high) or None; ``beta_update_interval``
+    (updates, or None); ``min_ess_fraction`` in [0, 1]; ``nonfinite`` ("raise" or "skip");
+    ``max_loss`` (loss units, or None). Meanings: ``HardnessWeightedSampler``'s docstring.
+    """
+
+    num_samples: int
+    beta: float = 0.0
+    kl_radius: float | None = None
+    replacement: bool = True
+    momentum: float = 0.0
+    importance_weights: bool = False
+    clip_weights: tuple[float, float] | None = None
+    beta_update_interval: int | None = None
+    min_ess_fraction: float = 0.1
+    nonfinite: NonFinitePolicy = "raise"
+    max_loss: float | None = None
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("num_samples", check_positive_int(self.num_samples, "num_samples"))
+        put("beta", check_beta(self.beta))
+        if self.kl_radius is not None:
+            put("kl_radius", check_beta(self.kl_radius, "kl_radius"))
+        put("replacement", check_flag(self.replacement, "replacement"))
+        put("momentum", check_momentum(self.momentum))
+        put("importance_weights", check_flag(self.importance_weights, "importance_weights"))
+        put("clip_weights", check_clip(self.clip_weights))
+        if self.beta_update_interval is not None:
+            interval = check_positive_int(self.beta_update_interval, "beta_update_interval")
+            put("beta_update_interval", interval)
+        put("min_ess_fraction", check_fraction(self.min_ess_fraction, "min_ess_fraction"))
+        if self.nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
+        if self.max_loss is not None:
+            if isinstance(self.max_loss, bool) or not isinstance(self.max_loss, (int, float)):
+                raise TypeError(f"max_loss must be a float or None, got {self.max_loss!r}")
+            if not math.isfinite(self.max_loss):
+                raise ValueError(f"max_loss must be finite, got {self.max_loss}")
+            put("max_loss", float(self.max_loss))
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain values for a checkpoint."""
+        state = dataclasses.asdict(self)
+        if self.clip_weights is not None:
+            state["clip_weights"] = list(self.clip_weights)
+        return state
+
+
+class CheckedUpdate(NamedTuple):
+    """An update's input after validation: numpy arrays of shape (B,)."""
+
+    indices: np.ndarray  # int64
+    losses: np.ndarray  # float64, capped at max_loss; non-finite only under nonfinite="skip"
+    drawn: np.ndarray | None  # float64 log p at draw time, NaN for a uniform draw
+    batch_ids: np.ndarray | None  # int64 sequence numbers of the batches, -1 if unknown
+
+
+def _effective_sample_size(log_p: np.ndarray) -> float:
+    doubled = 2 * log_p
+    peak = doubled.max()
+    return float(np.exp(-(peak + np.log(np.exp(doubled - peak).sum()))))
+
+
+def _self_normalised(log_ratio: np.ndarray) -> np.ndarray:
+    """exp(log_ratio - logsumexp(log_ratio) + log B): weights with mean 1, in the log domain."""
+    peak = log_ratio.max()
+    shifted = log_ratio - peak
+    return np.exp(shifted - np.log(np.exp(shifted).sum()) + math.log(log_ratio.size))
+
+
+class LossTable:
+    """The table of stale per-example losses L and the law p = softmax(beta * L) over it.
+
+    Args:
+        settings: the validated ``TableSettings``.
+        init_loss: the starting value in loss units: a float (plus relative noise of 1e-6,
+            drawn from the generator, to break ties) or a vector of N finite values.
+        seed: seeds the generator (draws and init noise); a non-negative int.
+        shared: keep the losses in shared memory, so that processes forked after
+            construction (data-loading workers) read every write; they call ``refresh()``
+            before drawing.
+    """
+
+    def __init__(
+        self,
+        settings: TableSettings,
+        *,
+        init_loss: float | Values = 10.0,
+        seed: int,
+        shared: bool = False,
+    ) -> None:
+        self._settings = settings
+        self.seed = seed
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+        n = settings.num_samples
+        if shared:
+            self._losses = np.frombuffer(multiprocessing.RawArray("d", n), dtype=np.float64)
+        else:
+            self._losses = np.empty(n)
+        if isinstance(init_loss, (int, float)) and not isinstance(init_loss, bool):
+            constant = float(init_loss)
+            if not math.isfinite(constant):
+                raise ValueError(f"init_loss must be finite, got {constant}")
+            self._losses[:] = self._rng.random(n)
+            self._losses *= _INIT_NOISE * max(1.0, abs(constant))
+            self._losses += constant
+        else:
+            self._losses[:] = check_finite_vector(init_loss, n, "init_loss")
+        self._last_update = np.full(n, -1, dtype=np.int64)
+        self._tree = LogSumTree(settings.beta * self._losses, fanout=_FANOUT, top_size=_TOP_SIZE)
+        self._num_updates = 0
+        self._num_skipped = 0
+        # kl_radius mode: beta follows the table every beta_update_interval updates once the
+        # first calibration has happened (the sampler calibrates when hardness starts).
+        self._calibrated = False
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def settings(self) -> TableSettings:
+        """The current settings (frozen); change them with ``configure``."""
+        return self._settings
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of examples."""
+        return self._settings.num_samples
+
+    def configure(self, **changes: Any) -> None:
+        """Change settings that may change during training, validated: ``beta`` (rebuilds
+        the tree, O(N)), ``importance_weights``, ``clip_weights``, ``momentum``,
+        ``min_ess_fraction``, ``nonfinite``, ``max_loss``, ``beta_update_interval``."""
+        fixed = sorted(set(changes) - _CHANGEABLE)
+        if fixed:
+            raise AttributeError(
+                f"{', '.join(fixed)} cannot change after construction; changeable: "
+                f"{', '.join(sorted(_CHANGEABLE))}"
+            )
+        new = dataclasses.replace(self._settings, **changes)
+        if new.beta != self._settings.beta:
+            self._tree.rebuild(new.beta * self._losses)
+        self._settings = new
+
+    @property
+    def beta(self) -> float:
+        """Inverse temperature, in inverse loss units. Setting it rebuilds the tree, O(N)."""
+        return self._settings.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.configure(beta=value)
+
+    def calibrate_beta(self) -> float:
+        """Set beta so that KL(p || uniform) = ``kl_radius`` over the current table. O(N log).
+
+        From the first call on, beta is also recalibrated every ``beta_update_interval``
+        updates when that is set. Returns beta.
+        """
+        if self._settings.kl_radius is None:
+            raise ValueError("calibrate_beta needs a table built with kl_radius")
+        self.beta = beta_for_kl_radius(self._losses, self._settings.kl_radius)
+        self._calibrated = True
+        return self.beta
+
+    # ------------------------------------------------------------------ drawing
+
+    def draw(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``count`` indices from p = softmax(beta * L).
+
+        Returns ``(indices, log_probs)``: int64 and float64 tensors of shape (count,), where
+        ``log_probs[k]`` is the natural log of p for ``indices[k]`` at this draw. Without
+        replacement the law is successive sampling (``docs/theory.md``).
+        """
+        indices, log_probs = self.draw_arrays(check_positive_int(count, "count"))
+        return torch.from_numpy(indices), torch.from_numpy(log_probs)
+
+    def draw_arrays(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """``draw`` as numpy arrays, unchecked: the sampler's hot path."""
+        if self._settings.replacement:
+            indices, log_total = self._tree.sample(self._uniforms(count))
+        else:
+            indices, log_total = self._draw_distinct(count)
+        return indices, self._tree.leaf_logits(indices) - log_total
+
+    def refresh(self) -> None:
+        """Rebuild the tree from the table, O(N): for a process that shares the table
+        (``shared=True``) but not the tree, such as a forked data-loading worker."""
+        self._tree.rebuild(self.beta * self._losses)
+
+    def reseed(self, *entropy: int) -> None:
+        """Give this copy of the table its own generator, e.g. one per worker process."""
+        self._rng = np.random.Generator(np.random.PCG64([self.seed, *entropy]))
+
+    def _uniforms(self, count: int) -> np.ndarray:
+        return self._rng.random((self._tree.depth + 1, count))
+
+    def _draw_distinct(self, count: int) -> tuple[np.ndarray, float]:
+        # The first appearances of an i.i.d. stream are exactly successive sampling. When
+        # the first round repeats an index, the indices found so far leave the tree, so that
+        # a peaked p cannot stall the loop; the tree is restored bit-for-bit afterwards.
+        stream, log_total = self._tree.sample(self._uniforms(count))
+        _, first = np.unique(stream, return_index=True)
+        if first.size == count:
+            return stream, log_total
+        found = [stream[np.sort(first)]]
+        total = found[0].size
+        removed = found[0]
+        try:
+            self._tree.set(removed, np.full(removed.size, REMOVED))
+            while total < count:
+                stream, _ = self._tree.sample(self._uniforms(count - total))
+                _, first = np.unique(stream, return_index=True)
+                fresh = stream[np.sort(first)]
+                found.append(fresh)
+                total += fresh.size
+                removed = np.concatenate(found)
+                self._tree.set(fresh, np.full(fresh.size, REMOVED))
+        finally:
+            self._tree.set(removed, self.beta * self._losses[removed])
+        return np.concatenate(found), log_total
+
+    # ------------------------------------------------------------------ updates
+
+    def update(
+        self,
+        indices: DrawInfo | Indices,
+        losses: Values,
+        drawn_log_probs: Values | None = None,
+    ) -> torch.Tensor:
+        """Write fresh per-example losses into the table; return importance weights.
+
+        Arguments and result as ``HardnessWeightedSampler.update`` (without its batch
+        bookkeeping or DDP synchronisation).
+        """
+        checked = self.check_update(indices, losses, drawn_log_probs)
+        weights = self.importance_weights(checked)
+        self.apply(checked.indices, checked.losses)
+        return as_weight_tensor(weights, losses)
+
+    def weights(
+        self,
+        indices: DrawInfo | Indices,
+        losses: Values,
+        drawn_log_probs: Values | None = None,
+    ) -> torch.Tensor:
+        """The importance weights ``update`` would return, without writing anything."""
+        checked = self.check_update(indices, losses, drawn_log_probs)
+        return as_weight_tensor(self.importance_weights(checked), losses)
+
+    def check_update(
+        self,
+        indices: DrawInfo | Indices,
+        losses: Values,
+        drawn_log_probs: Values | None,
+    ) -> CheckedUpdate:
+        """Validate an update's input (nothing changes): clear errors naming the problem."""
+        raw_indices, drawn_raw, batch_ids = unpack(indices, drawn_log_probs)
+        index_array = check_indices(raw_indices, self.num_samples)
+        loss_array = check_real_vector(losses, index_array.size, "losses")
+        bad = ~np.isfinite(loss_array)
+        if bad.any() and self._settings.nonfinite == "raise":
+            raise ValueError(
+                "losses must be finite: NaN or inf for example(s) "
+                f"{describe_positions(index_array[bad])} (batch position(s) "
+                f"{describe_positions(np.flatnonzero(bad))}). Pass nonfinite='skip' to keep "
+                "their stale losses and give them weight 0 instead; see docs/custom-loop.md"
+            )
+        if self._settings.max_loss is not None:
+            loss_array = np.minimum(loss_array, self._settings.max_loss)
+        drawn = None
+        if drawn_raw is not None:
+            drawn = to_numpy(drawn_raw)
+            if drawn.ndim != 1 or drawn.shape[0] != index_array.size:
+                raise ValueError(
+                    f"drawn_log_probs must have shape ({index_array.size},), "
+                    f"got {tuple(drawn.shape)}"
+                )
+            drawn = drawn.astype(np.float64)
+            if np.isinf(drawn).any():
+                raise ValueError("drawn_log_probs must be finite or NaN, found inf")
+        if batch_ids is not None and batch_ids.shape != index_array.shape:
+            raise ValueError("DrawInfo.batch must have one entry per index")
+        return CheckedUpdate(index_array, loss_array, drawn, batch_ids)
+
+    def importance_weights(self, update: CheckedUpdate) -> np.ndarray:
+        """Weights of shape (B,), float64: ones, or with ``importance_weights`` the
+        self-normalised p_target / p_drawn (mean 1 over the finite entries, before clipping).
+        Entries whose loss is not finite get weight 0."""
+        finite = np.isfinite(update.losses)
+        weights = finite.astype(np.float64)
+        if not self._settings.importance_weights or not finite.any():
+            return weights
+        # log r = beta * l - log p_drawn; the normalisers cancel in the self-normalisation.
+        drawn = update.drawn
+        if drawn is None:
+            drawn = self._tree.leaf_logits(update.indices)
+        hard = finite & ~np.isnan(drawn)  # NaN: a uniform warm-up draw, which keeps weight 1
+        if hard.any():
+            weights[hard] = _self_normalised(self.beta * update.losses[hard] - drawn[hard])
+            if self._settings.clip_weights is not None:
+                np.clip(weights, *self._settings.clip_weights, out=weights, where=finite)
+        return weights
+
+    def apply(self, indices: np.ndarray, losses: np.ndarray) -> None:
+        """Write checked losses (repeats applied in order; non-finite entries skipped and
+        counted), then recalibrate beta if ``kl_radius`` and ``beta_update_interval`` say so."""
+        finite = np.isfinite(losses)
+        if not finite.all():
+            self._num_skipped += int((~finite).sum())
+            indices, losses = indices[finite], losses[finite]
+        self._write(indices, losses)
+        settings = self._settings
+        if (
+            self._calibrated
+            and settings.beta_update_interval is not None
+            and self._num_updates % settings.beta_update_interval == 0
+        ):
+            self.calibrate_beta()
+
+    def _write(self, indices: np.ndarray, losses: np.ndarray) -> None:
+        if indices.size == 0:
+            return
+        step = self._num_updates
+        self._num_updates = step + 1
+        if self._settings.momentum == 0.0:
+            # The last occurrence of a repeated index wins, as in a sequential loop.
+            unique, last_reversed = np.unique(indices[::-1], return_index=True)
+            values = losses[::-1][last_reversed]
+        else:
+            unique, values = self._ema(indices, losses)
+        self._losses[unique] = values
+        self._last_update[unique] = step
+        self._tree.set(unique, self.beta * values)
+
+    def _ema(self, indices: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Occurrences of a repeated index are folded in order, one round per repetition.
+        unique = np.unique(indices)
+        values = self._losses[unique].copy()
+        seen = self._last_update[unique] >= 0
+        remaining = np.arange(indices.size)
+        m = self._settings.momentum
+        while remaining.size:
+            _, first = np.unique(indices[remaining], return_index=True)
+            taken = remaining[first]
+            slots = np.searchsorted(unique, indices[taken])
+            fresh = losses[taken]
+            values[slots] = np.where(seen[slots], m * values[slots] + (1 - m) * fresh, fresh)
+            seen[slots] = True
+            remaining = np.delete(remaining, first)
+        return unique, values
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """A copy of the stale-loss table, float64, shape (N,), in loss units."""
+        return torch.from_numpy(self._losses.copy())
+
+    @property
+    def num_updates(self) -> int:
+        """How many updates have been applied (each ``update`` call counts one)."""
+        return self._num_updates
+
+    @property
+    def num_skipped(self) -> int:
+        """Non-finite losses skipped under ``nonfinite='skip'`` so far."""
+        return self._num_skipped
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of examples observed at least once."""
+        return float((self._last_update >= 0).mean())
+
+    def log_probabilities(self) -> torch.Tensor:
+        """log softmax(beta * L), float64, shape (N,). O(N)."""
+        return torch.from_numpy(self._log_p())
+
+    def _log_p(self) -> np.ndarray:
+        return self._tree.logits - self._tree.log_total()
+
+    def probabilities(self) -> torch.Tensor:
+        """softmax(beta * L), float64, shape (N,), summing to 1. O(N)."""
+        probs = np.exp(self._log_p())
+        probs /= probs.sum()
+        return torch.from_numpy(probs)
+
+    def effective_sample_size(self) -> float:
+        """1 / sum p^2, in examples: N for uniform sampling, 1 for a point mass. O(N)."""
+        return _effective_sample_size(self._log_p())
+
+    def staleness(self) -> tuple[float, int]:
+        """Mean and max number of updates since each observed example was last written. O(N).
+
+        Both are 0 before any update; unobserved examples are excluded (see ``coverage``).
+        """
+        seen = self._last_update[self._last_update >= 0]
+        if seen.size == 0:
+            return 0.0, 0
+        age = (self._num_updates - 1) - seen
+        return float(age.mean()), int(age.max())
+
+    def hardest(self, k: int) -> torch.Tensor:
+        """Indices of the k largest stale losses, largest first, int64, shape (k,). O(N)."""
+        k = check_count(k, "k")
+        if k > self.num_samples:
+            raise ValueError(f"k must be in [0, {self.num_samples}], got {k}")
+        if k == 0:
+            return torch.empty(0, dtype=torch.int64)
+        top = np.argpartition(-self._losses, k - 1)[:k]
+        top = top[np.argsort(-self._losses[top], kind="stable")]
+        return torch.from_numpy(top.astype(np.int64))
+
+    def stats(self) -> dict[str, float]:
+        """Diagnostics of the current distribution, O(N).
+
+        Keys: ``entropy`` (nats), ``effective_sample_size`` (1 / sum p^2, in examples),
+        ``max_probability``, ``kl_to_uniform`` (nats), ``coverage`` (fraction of examples
+        observed at least once), ``dro_loss`` (the table's KL-DRO loss, loss units),
+        ``mean_loss`` (loss units), ``beta``, ``num_updates``, ``staleness_mean`` and
+        ``staleness_max`` (updates since an observed example was last written),
+        ``skipped_nonfinite`` (losses skipped under ``nonfinite='skip'``).
+        """
+        log_p = self._log_p()
+        p = np.exp(log_p)
+        entropy = float(-(p * log_p).sum())
+        table = torch.from_numpy(self._losses)
+        staleness_mean, staleness_max = self.staleness()
+        return {
+            "entropy": entropy,
+            "effective_sample_size": _effective_sample_size(log_p),
+            "max_probability": float(p.max()),
+            "kl_to_uniform": max(0.0, math.log(self.num_samples) - entropy),
+            "coverage": self.coverage,
+            "dro_loss": float(dro_loss(table, self.beta)),
+            "mean_loss": float(table.mean()),
+            "beta": self.beta,
+            "num_updates": float(self._num_updates),
+            "staleness_mean": staleness_mean,
+            "staleness_max": float(staleness_max),
+            "skipped_nonfinite": float(self._num_skipped),
+        }
+
+    def check_collapse(self, epoch: int) -> None:
+        """Warn (``SamplerCollapseWarning``) if the effective sample size is below
+        ``min_ess_fraction`` x N, once every example has a real loss. O(N)."""
+        # Unseen examples at a high init value are meant to dominate p: no alarm until all
+        # have a real loss.
+        fraction = self._settings.min_ess_fraction
+        if fraction <= 0.0 or (self._last_update < 0).any():
+            return
+        ess = self.effective_sample_size()
+        if ess < fraction * self.num_samples:
+            warn_user(
+                f"epoch {epoch}: the effective sample size is {ess:.1f} examples, below "
+                f"{fraction:g} of N = {self.num_samples}: training concentrates on a handful "
+                "of examples. Lower beta (or kl_radius); see docs/choosing-beta.md.",
+                SamplerCollapseWarning,
+            )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: table, tree and bookkeeping."""
+        return self._losses.nbytes + self._last_update.nbytes + self._tree.nbytes
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The table's state: tensors and plain values only (``weights_only=True`` safe)."""
+        return {
+            "settings": self._settings.to_state(),
+            "seed": self.seed,
+            "losses": torch.from_numpy(self._losses.copy()),
+            "last_update": torch.from_numpy(self._last_update.copy()),
+            "num_updates": self._num_updates,
+            "num_skipped": self._num_skipped,
+            "calibrated": self._calibrated,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    @staticmethod
+    def check_state(state: Mapping[str, Any], settings: TableSettings) -> _TableState:
+        """Validate a table state against ``settings`` (from the same checkpoint)."""
+        n = settings.num_samples
+        seed = state["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"state dict seed must be a non-negative int, got {seed!r}")
+        losses = check_finite_vector(state["losses"], n, "state dict losses").copy()
+        last_update = to_numpy(state["last_update"])
+        num_updates = check_count(state["num_updates"], "state dict num_updates")
+        if (
+            last_update.shape != (n,)
+            or not np.issubdtype(last_update.dtype, np.integer)
+            or last_update.min() < -1
+            or last_update.max() >= num_updates
+        ):
+            raise ValueError("state dict last_update must be N integers in [-1, num_updates)")
+        num_skipped = check_count(state["num_skipped"], "state dict num_skipped")
+        calibrated = state["calibrated"]
+        if not isinstance(calibrated, bool):
+            raise ValueError(f"state dict calibrated must be a bool, got {calibrated!r}")
+        rng = np.random.Generator(np.random.PCG64())
+        try:
+            rng.bit_generator.state = dict(state["rng"])
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"state dict rng is not a PCG64 state: {error}") from error
+        tree = LogSumTree(settings.beta * losses, fanout=_FANOUT, top_size=_TOP_SIZE)
+        return _TableState(settings, seed, losses, last_update.astype(np.int64), num_updates,
+                           num_skipped, calibrated, rng, tree)  # fmt: skip
+
+    def restore(self, checked: _TableState) -> None:
+        """Adopt a state from ``check_state``; cannot fail."""
+        self._settings = checked.settings
+        self.seed = checked.seed
+        self._losses[:] = checked.losses  # in place: a shared table stays shared
+        self._last_update = checked.last_update
+        self._num_updates = checked.num_updates
+        self._num_skipped = checked.num_skipped
+        self._calibrated = checked.calibrated
+        self._rng = checked.rng
+        self._tree = checked.tree
+
+
+class _TableState(NamedTuple):
+    settings: TableSettings
+    seed: int
+    losses: np.ndarray
+    last_update: np.ndarray
+    num_updates: int
+    num_skipped: int
+    calibrated: bool
+    rng: np.random.Generator
+    tree: LogSumTree
+
+
+_CHANGEABLE = frozenset(
+    {"beta", "importance_weights", "clip_weights", "momentum", "min_ess_fraction",
+     "nonfinite", "max_loss", "beta_update_interval"}
+)  # fmt: skip
+
+
+def as_weight_tensor(weights: np.ndarray, like: Values) -> torch.Tensor:
+    """Weights as a tensor on ``like``'s device, in its floating dtype (float32 otherwise)."""
+    if isinstance(like, torch.Tensor):
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        return torch.as_tensor(weights, dtype=torch.float64).to(dtype=dtype, device=like.device)
+    return torch.as_tensor(weights, dtype=torch.float32)
