@@ -99,6 +99,37 @@ def test_lightning_checkpoint_resume_restores_the_table(tmp_path: Path) -> None:
     torch.testing.assert_close(resumed.losses, reference.losses)  # ...exactly as without a stop
 
 
+class _HalfModule(Module):
+    """Per-example losses that stay bfloat16 under autocast (cross_entropy would upcast)."""
+
+    def training_step(self, batch, batch_idx):
+        (x, y), draw = batch
+        losses = -self.layer(x).log_softmax(dim=1).gather(1, y[:, None]).squeeze(1)
+        loss = weighted_mean(self, losses, draw)
+        self.seen.append(([losses.dtype, loss.dtype], []))
+        return {"loss": loss, "per_example_loss": losses, "draw": draw}
+
+
+def test_lightning_bf16_mixed_precision_trains(tmp_path: Path) -> None:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            probe = torch.nn.Linear(2, 2)(torch.ones(1, 2))
+    except RuntimeError as error:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"this torch build has no bfloat16 autocast on CPU: {error}")
+    if probe.dtype != torch.bfloat16:  # pragma: no cover
+        pytest.skip("CPU autocast does not produce bfloat16 in this torch build")
+    sampler = _sampler()
+    module = _HalfModule()
+    trainer = _trainer(
+        2, HardnessWeightedSampling(), tmp_path, enable_checkpointing=False, precision="bf16-mixed"
+    )
+    trainer.fit(module, _loader(sampler))
+    assert {tuple(dtypes) for dtypes, _ in module.seen} == {(torch.bfloat16, torch.bfloat16)}
+    assert sampler.num_updates == 2 * len(sampler)
+    assert sampler.losses.dtype == torch.float64 and sampler.stats()["coverage"] > 0.5
+    assert torch.isfinite(module.layer.weight).all()
+
+
 class _DataModule(pl.LightningDataModule):
     """Builds the sampler in train_dataloader(), where the process group already exists."""
 
