@@ -298,11 +298,11 @@ class HardnessWeightedTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if "labels" not in inputs:
             raise ValueError("training batches need 'labels' for per-example losses")
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
         loss_fn = self.per_example_loss
         if loss_fn is None:
             loss_fn = self.per_example_loss = _loss_for_model(self.accelerator.unwrap_model(model))
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
         losses = loss_fn(outputs, labels)
         size = record["index"].shape[0]
         if not isinstance(losses, torch.Tensor) or losses.shape != (size,):
