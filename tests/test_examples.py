@@ -67,3 +67,17 @@ def test_monai_example(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ignite")
     result = _run_example("train_monai.py", ["--epochs", "3"], monkeypatch)
     assert 0.0 < result["rare_mass"] < 1.0
+    assert 1.0 <= result["min_effective_sample_size"] <= 20.0
+
+
+def test_monai_example_defaults_do_not_warn(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its docstring promises that the documented defaults (15 epochs, beta 10) stay quiet.
+    pytest.importorskip("monai")
+    pytest.importorskip("ignite")
+    from torchdro import SamplerCollapseWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SamplerCollapseWarning)
+        result = _run_example("train_monai.py", [], monkeypatch)
+    assert result["min_effective_sample_size"] > 0.1 * 20
+    assert result["rare_mass"] > 2 / 20  # the atypical cases get more than their share
