@@ -158,6 +158,24 @@ def test_leaf_logits_at_fit_time_are_the_mixed_sampling_law(law: Law) -> None:
         np.testing.assert_allclose(np.exp(leaves), law.sampling_probabilities(table), rtol=1e-12)
 
 
+@pytest.mark.parametrize("law", LAWS, ids=repr)
+def test_leaf_logits_on_fresh_losses_follow_the_definition(law: Law) -> None:
+    # CVaR and chi-square compute leaf logits by shortcuts; they must equal the definition
+    # logaddexp(log(1 − eps) + log q~(l) − log_norm, log(eps / N)) on any losses.
+    rng = np.random.default_rng(7)
+    for table in tables():
+        fit = law.fit(table)
+        fresh = np.concatenate([table, rng.uniform(table.min() - 1, table.max() + 1, size=50)])
+        base = law.log_target(fresh, fit) - fit.log_norm
+        eps = law.exploration
+        expected = (
+            base if eps == 0 else np.logaddexp(math.log1p(-eps) + base, math.log(eps / table.size))
+        )
+        np.testing.assert_allclose(
+            law.leaf_logits(fresh, fit, table.size), expected, rtol=1e-12, atol=1e-12
+        )
+
+
 def test_kl_leaf_logits_without_exploration_are_beta_l_minus_log_norm() -> None:
     table = tables()[0]
     law = KL(beta=3.0)

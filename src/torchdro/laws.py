@@ -86,11 +86,12 @@ def _check_table(losses: Any) -> np.ndarray:
     return table
 
 
-def _masked_log(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """log(values) where mask, -inf elsewhere, without log(0) warnings."""
-    out = np.full(values.shape, -np.inf)
-    np.log(values, out=out, where=mask)
-    return out
+def _three_levels(
+    losses: np.ndarray, eta: float, below: float, equal: float, above: float
+) -> np.ndarray:
+    """below / equal / above according as each loss is <, == or > eta, in two numpy calls."""
+    edges = np.array([eta, np.nextafter(eta, np.inf)])
+    return np.array([below, equal, above])[edges.searchsorted(losses, side="right")]
 
 
 def _log_sum_exp(values: np.ndarray) -> float:
@@ -180,6 +181,15 @@ class Law(ABC):
         if eps == 0.0:
             return base
         return np.logaddexp(math.log1p(-eps) + base, math.log(eps / num_samples))
+
+    def _mixed(self, log_q: float, num_samples: int) -> float:
+        """The leaf logit of one normalised log target weight log_q (scalar fast paths)."""
+        eps = self.exploration
+        if eps == 0.0:
+            return log_q
+        a, b = math.log1p(-eps) + log_q, math.log(eps / num_samples)
+        high, low = max(a, b), min(a, b)
+        return high + math.log1p(math.exp(low - high))
 
     def _solve(self, losses: Any) -> tuple[np.ndarray, np.ndarray, LawFit]:
         table = _check_table(losses)
@@ -318,10 +328,19 @@ class CVaR(Law):
 
     def log_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
         eta, cap, boundary = self._check_fit(fit, 3)
-        values = np.asarray(losses, dtype=np.float64)
-        out = np.where(values > eta, math.log(cap), -np.inf)
-        out[values == eta] = math.log(boundary)
-        return out
+        return _three_levels(losses, eta, -math.inf, math.log(boundary), math.log(cap))
+
+    def leaf_logits(self, losses: np.ndarray, fit: LawFit, num_samples: int) -> np.ndarray:
+        # Same values as Law.leaf_logits; the law takes three values, computed once as
+        # scalars, so that an update costs two numpy calls.
+        eta, cap, boundary = self._check_fit(fit, 3)
+        return _three_levels(
+            losses,
+            eta,
+            self._mixed(-math.inf, num_samples),
+            self._mixed(math.log(boundary) - fit.log_norm, num_samples),
+            self._mixed(math.log(cap) - fit.log_norm, num_samples),
+        )
 
     def _value(self, table: np.ndarray, q: np.ndarray, fit: LawFit) -> float:
         return float(q @ table)
@@ -425,10 +444,27 @@ class ChiSquare(Law):
         values = np.asarray(losses, dtype=np.float64)
         if lam == math.inf:
             return np.zeros(values.shape)
-        excess = (values - shift) - eta
         if lam == 0.0:
-            return np.where(excess >= 0.0, 0.0, -np.inf)
-        return _masked_log(excess, excess > 0.0)
+            return _three_levels(values - shift, eta, -math.inf, 0.0, 0.0)
+        excess = values - shift
+        excess -= eta
+        np.maximum(excess, 0.0, out=excess)
+        with np.errstate(divide="ignore"):  # log 0 = -inf: no mass below eta
+            return np.log(excess, out=excess)
+
+    def leaf_logits(self, losses: np.ndarray, fit: LawFit, num_samples: int) -> np.ndarray:
+        # Same values as Law.leaf_logits, in the linear domain with in-place operations
+        # (q <= 1, so nothing overflows): log((1 − eps) (L − eta)_+ / Z + eps / N).
+        shift, eta, lam = self._check_fit(fit, 3)
+        eps = self.exploration
+        if eps == 0.0 or lam in (0.0, math.inf) or abs(fit.log_norm) > 700.0:
+            return super().leaf_logits(losses, fit, num_samples)
+        out = np.subtract(losses, shift, dtype=np.float64)
+        out -= eta
+        np.maximum(out, 0.0, out=out)
+        out *= (1.0 - eps) * math.exp(-fit.log_norm)
+        out += eps / num_samples
+        return np.log(out, out=out)
 
     def _value(self, table: np.ndarray, q: np.ndarray, fit: LawFit) -> float:
         shift = fit.params[0]
