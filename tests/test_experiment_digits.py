@@ -17,6 +17,17 @@ pytest.importorskip("scipy")
 
 from torchdro.experiments import digits, study
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The study trains on one thread (as run_one does); two threads on a busy 2-core machine
+    make each tiny step over 100 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

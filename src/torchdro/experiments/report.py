@@ -1,34 +1,42 @@
-"""What every study shares: summary statistics, paired comparisons, the results file."""
+"""The 3D study's comparison helpers and results file.
+
+The sign-count verdict below is study v1's; the 3D study moves to the intervals and verdicts
+of :mod:`torchdro.experiments.study` in its own issue. Summary statistics, tables and the
+environment record come from ``study.py``, shared with the digits study.
+"""
 
 from __future__ import annotations
 
-import json
 import math
-import platform
-import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from torchdro.experiments.study import (
+    environment,
+    fmt_mean_std,
+    markdown_table,
+    mean_std,
+    text_table,
+    write_json,
+)
 
-import torchdro
+__all__ = [
+    "MIN_SIGN_SEEDS",
+    "Paired",
+    "Run",
+    "fmt_mean_std",
+    "markdown_table",
+    "mean_std",
+    "paired",
+    "text_table",
+    "verdict",
+    "write_results",
+]
 
 Run = dict[str, Any]
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def fmt_mean_std(values: Sequence[float], digits: int = 3) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+MIN_SIGN_SEEDS = 5  # the sign rule (4 of 5 seeds agree) is only defined from 5 seeds up
 
 
 @dataclass(frozen=True)
@@ -50,10 +58,15 @@ class Paired:
 
 
 def verdict(diff: Paired, subject: str = "DRO") -> str:
-    """'better' / 'worse' when at least 80 % of the seeds agree with the mean's sign."""
+    """'better' / 'worse' when at least 80 % of the seeds agree with the mean's sign.
+
+    With fewer than ``MIN_SIGN_SEEDS`` seeds there is no verdict, and the text says why.
+    """
     n = len(diff.differences)
     if n == 0:
         return "not measured"
+    if n < MIN_SIGN_SEEDS:
+        return f"no verdict ({n} seeds; the sign rule needs at least {MIN_SIGN_SEEDS})"
     mean = mean_std(diff.differences)[0]
     if mean > 0 and diff.positive >= math.ceil(0.8 * n):
         return f"{subject} better"
@@ -72,44 +85,12 @@ def paired(
     return Paired(tuple(first[s] - second[s] for s in seeds))
 
 
-def environment() -> dict[str, Any]:
-    """The machine and versions a result was measured with."""
-    return {
-        "torchdro": torchdro.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads",
-        "processor": platform.processor() or "unknown",
-    }
-
-
 def write_results(out: Path, experiment: str, config: dict[str, Any], runs: list[Run]) -> Path:
     """Write ``out/results.json``: ``{"experiment", "config", "environment", "runs"}``."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
     payload = {
         "experiment": experiment,
         "config": config,
         "environment": environment(),
         "runs": runs,
     }
-    path.write_text(json.dumps(payload, indent=1, allow_nan=True))
-    return path
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain fixed-width table for the terminal."""
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
-    ]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    out = [line, "-" * len(line)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(out)
+    return write_json(out / "results.json", payload)
