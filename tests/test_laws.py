@@ -134,6 +134,30 @@ def test_chi_square_constraint_is_tight_when_active() -> None:
             np.testing.assert_allclose(q, (table == table.max()) / ties, rtol=1e-12)
 
 
+def test_each_radius_fixes_an_effective_fraction_of_the_table() -> None:
+    # The identities behind docs/theory.md, "Choosing alpha and the radius".
+    table = np.random.default_rng(8).gamma(2.0, 1.0, size=1000)
+    n = table.size
+    for alpha in [0.05, 0.2, 0.5]:  # CVaR: ESS = 1 / Σ q² = alpha N (alpha N an integer)
+        q = CVaR(alpha=alpha).probabilities(table)
+        assert 1 / (q**2).sum() == pytest.approx(alpha * n, rel=1e-12)
+    for rho in [0.05, 0.5, 2.0]:  # chi-square: ESS = N / (1 + 2 rho) while the ball is active
+        q = ChiSquare(radius=rho).probabilities(table)
+        assert 1 / (q**2).sum() == pytest.approx(n / (1 + 2 * rho), rel=1e-9)
+    for rho in [0.05, 0.5, 2.0]:  # KL: perplexity exp(entropy) = N exp(−rho)
+        q = KL(radius=rho).probabilities(table)
+        assert math.exp(-(q * np.log(q)).sum()) == pytest.approx(n * math.exp(-rho), rel=1e-5)
+
+
+def test_chi_square_penalised_full_support_is_mean_plus_variance_over_two_lambda() -> None:
+    table = np.random.default_rng(9).uniform(1.0, 2.0, size=100)
+    for lam in [table.mean() - table.min(), 3.0, 100.0]:  # full support iff lam >= mean − min
+        law = ChiSquare(penalty=lam)
+        assert (law.probabilities(table) > 0).sum() >= table.size - 1
+        expected = table.mean() + table.var() / (2 * lam)
+        assert law.loss(table) == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize("law", [ChiSquare(radius=0.4), ChiSquare(penalty=0.3)], ids=repr)
 def test_chi_square_q_is_a_clipped_linear_function_of_loss(law: Law) -> None:
     table = tables()[0]
