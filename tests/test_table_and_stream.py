@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ALPHA, chi_square_pvalue, softmax
 from torchdro import LossTable, TableSettings
 from torchdro.stream import Batch, EpochStream, InFlightBatches, StreamSettings
+
+from helpers import ALPHA, chi_square_pvalue, softmax
 
 
 def table(**options) -> LossTable:
