@@ -398,6 +398,18 @@ def test_torchrun_two_processes_keep_identical_tables(tmp_path: Path) -> None:
         assert table[index].item() == loss
 
 
+def test_example_runs_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runpy
+
+    monkeypatch.chdir(tmp_path)
+    main = runpy.run_path(str(TESTS.parent / "examples" / "train_transformers.py"))["main"]
+    full = main(["--epochs", "3", "--out", "full"])
+    assert full["global_step"] == 48  # 16 steps per epoch, a checkpoint every 32
+    assert 0.9 < full["accuracy_common"] <= 1.0 and 0.0 <= full["accuracy_rare"] <= 1.0
+    resumed = main(["--epochs", "3", "--out", "resumed", "--resume", "full/checkpoint-32"])
+    assert resumed == full
+
+
 # ---------------------------------------------------------------------- misuse
 
 
