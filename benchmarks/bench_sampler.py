@@ -1,38 +1,44 @@
-"""Per-step cost of the hardness weighted sampler against the naive full-softmax baseline.
+"""Per-step cost of the hardness weighted sampler against torchrl's prioritized sampler.
 
-What is measured, for every table size N and batch size B:
+What is measured, for every table size N and batch size B, one training step's sampler work
+through each library's public API:
 
-* torchdro: one training step's sampler work through the public API, that is one
-  ``next(iter(sampler))`` (a draw, returned as a list of ``DrawnIndex``), the conversion of
-  that list to a tensor, and one ``sampler.update(indices, losses)``. The sampler uses
-  ``beta=1``, ``seed=0`` and a uniform [0, 1) ``init_loss`` vector, so p is not flat.
-* naive: the reference implementation's method on a float64 numpy table of N losses: a full
-  softmax over N (subtract the max, exp, normalise), ``Generator.choice(N, B, replace=False,
-  p=p)``, then B fresh losses written back one index at a time in a Python loop.
+* torchdro: ``next(iter(sampler))`` (a batch of B indices) and
+  ``sampler.update(batch, losses)`` with B fresh losses; ``beta = 1``, ``seed = 0``.
+* torchrl: ``PrioritizedSampler.sample(storage, B)`` and
+  ``update_priority(index, torch.exp(beta * losses))``: with ``alpha = 1`` and ``eps = 0``
+  it draws from the same law, p_i proportional to exp(beta * L_i). Its C++ sum tree is
+  float64 here, like torchdro's table (float32 is torchrl's default), and so are the loss
+  vectors it is given (the same values as torchdro's float32 ones).
+* naive, for N up to ``--naive-max-n``: the reference implementation's O(N) method on a
+  numpy table: a full softmax over N, ``Generator.choice(N, B, replace=False, p=p)``, then a
+  per-index Python loop writing the B fresh losses.
 
-Each figure is the median of ``perf_counter`` timings over R steps after a short warm-up;
-loss vectors are precomputed so that generating them is not timed. The naive baseline costs
-O(N) per step, so at large N it runs fewer steps (never fewer than 5) to keep the whole run
-to a few minutes. Bytes per example is ``sampler.nbytes / N``.
+Both tables start from the same uniform [0, 1) losses, so p is not flat. The libraries are
+timed interleaved, step by step, in alternating order, so that a slow spell of the machine
+hits all of them alike; each figure is the median of ``perf_counter`` timings over R steps
+after a short warm-up (the naive method runs fewer steps at large N, never fewer than 5).
+Loss vectors are precomputed, so generating them is not timed. Bytes per example is
+``sampler.nbytes / N`` for torchdro; for torchrl it is the growth of the process's resident
+memory while its sampler is built and filled, divided by N (shown from N = 1e5 on, where it
+rises above noise).
 
-The table is followed by three checks: the speedup at N=1e6, B=32 (target >= 100x, aim
-300x); the growth of the torchdro cost from the smallest to the largest N, per batch size
-(target <= 2x); and the largest bytes per example (target <= 32).
+Run from the repository root (``make bench`` does this in a venv that holds torchrl)::
 
-Run from the repository root::
-
-    python -m benchmarks.bench_sampler
+    python -m benchmarks.bench_sampler --out results/benchmark.json
+    python -m benchmarks.bench_sampler --quick
     python -m benchmarks.bench_sampler --sizes 1e3,1e5 --batches 32 --repeats 50
-    python -m benchmarks.bench_sampler --huge --out results/bench_sampler.json
 
-``--huge`` also builds a sampler over N=1e8 (several GB of RAM; torchdro only) and reports its
-construction time, bytes per example and per-step cost at B=32.
+``--huge`` also builds a torchdro sampler over N = 1e8 (several GB of RAM) and reports its
+construction time, bytes per example and per-step cost at B = 32. Without torchrl installed
+the torchrl columns are left empty and the reason is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -40,7 +46,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,49 +60,56 @@ from torchdro import HardnessWeightedSampler
 BETA = 1.0
 SEED = 0
 DEFAULT_SIZES = (10**3, 10**4, 10**5, 10**6, 10**7)
-DEFAULT_BATCHES = (2, 32, 256)
+DEFAULT_BATCHES = (32, 256, 4096)
 DEFAULT_REPEATS = 200
+DEFAULT_NAIVE_MAX_N = 10**5
+QUICK_SIZES = (10**3, 10**5)
+QUICK_BATCHES = (32, 4096)
+QUICK_REPEATS = 20
 WARMUP = 5
-# One naive step at N=1e7 takes ~0.1 s, so its warm-up stays short and its step count is set
-# by a time budget per configuration rather than by --repeats alone.
-NAIVE_WARMUP = 1
+# One naive step at N = 1e5 takes a few ms; its step count is capped by a time budget.
 NAIVE_MIN_REPEATS = 5
 NAIVE_BUDGET_S = 4.0
 # Distinct loss vectors cycled through, so that no step writes the same values twice in a row.
-LOSS_POOL = 64
+LOSS_POOL = 16
 # Far more batches than any run takes, so the iterator (and its epoch bookkeeping) never ends.
 NUM_BATCHES = 10**9
+# Below this N the resident-memory growth of torchrl's sampler is lost in allocator noise.
+RSS_MIN_N = 10**5
 
 HUGE_N = 10**8
 HUGE_BATCH = 32
 HUGE_REPEATS = 50
 
-TARGET_SPEEDUP = 100.0
-AIM_SPEEDUP = 300.0
-SPEEDUP_AT = (10**6, 32)
-TARGET_RATIO = 2.0
+# Targets of issue 13: torchdro time / torchrl time.
+TARGET_RATIO_SMALL_B = 1.0  # at B <= 256
+TARGET_RATIO_LARGE_B = 1.5  # at larger B
+TARGET_STEP_AT = (10**6, 32)
+TARGET_STEP_US = 60.0
 TARGET_BYTES = 32.0
+
+Step = Callable[[int], None]
 
 
 @dataclass
 class ConfigResult:
-    """Timings for one (N, B) configuration; naive fields are None when it was not run."""
+    """Medians for one (N, B) configuration; a method that was not run has None."""
 
     n: int
     batch: int
+    repeats: int
     torchdro_us: float
-    distinct_us: float | None  # torchdro with replacement=False, like the baseline
-    torchdro_repeats: int
+    torchrl_us: float | None
+    ratio: float | None  # torchdro / torchrl; > 1 means torchdro is slower
     naive_us: float | None
     naive_repeats: int
-    speedup: float | None
-    bytes_per_example: float
-    build_s: float
+    torchdro_bytes_per_example: float
+    torchrl_bytes_per_example: float | None
 
 
 @dataclass
 class HugeResult:
-    """The optional N=1e8 sampler: construction, footprint and per-step cost."""
+    """The optional N = 1e8 sampler: construction, footprint and per-step cost."""
 
     n: int
     batch: int
@@ -125,166 +138,193 @@ def _fmt_n(n: int) -> str:
     return f"1e{exponent}" if 10**exponent == n else str(n)
 
 
-def _median_us(samples: Sequence[float]) -> float:
-    return statistics.median(samples) * 1e6
+def _rss_bytes() -> int:
+    """Resident memory of this process, from /proc (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
-def time_torchdro(
-    sampler: HardnessWeightedSampler, losses: Sequence[torch.Tensor], repeats: int
-) -> float:
-    """Median µs of one ``next`` plus one ``update``, as a training loop makes them."""
-    it = iter(sampler)
-    samples: list[float] = []
-    for step in range(WARMUP + repeats):
-        fresh = losses[step % len(losses)]
-        start = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(sampler)
-            batch = next(it)
-        sampler.update(torch.tensor(batch), fresh)
-        elapsed = time.perf_counter() - start
-        if step >= WARMUP:
-            samples.append(elapsed)
-    return _median_us(samples)
+def load_torchrl() -> tuple[Any, str | None]:
+    """torchrl's (PrioritizedSampler, TensorStorage), or None and why it is unavailable."""
+    try:
+        from torchrl.data.replay_buffers import PrioritizedSampler, TensorStorage
+
+        probe = PrioritizedSampler(2, alpha=1.0, beta=1.0, eps=0.0, dtype=torch.float64)
+        probe.update_priority(torch.arange(2), torch.ones(2, dtype=torch.float64))
+        probe.sample(TensorStorage(torch.arange(2)), 1)
+    except Exception as error:  # an ImportError, or a C++ extension built for another torch
+        return None, f"{type(error).__name__}: {error}"
+    return (PrioritizedSampler, TensorStorage), None
 
 
-def _naive_step(
-    table: np.ndarray, batch: int, rng: np.random.Generator, values: np.ndarray
-) -> None:
-    # The reference method verbatim: O(N) softmax and choice, then a per-index Python write.
-    z = BETA * table
-    z -= z.max()
-    p = np.exp(z)
-    p /= p.sum()
-    idx = rng.choice(table.size, size=batch, replace=False, p=p)
-    for i, v in zip(idx.tolist(), values.tolist(), strict=True):
-        table[i] = v
-
-
-def time_naive(init: np.ndarray, batch: int, losses: np.ndarray, repeats: int) -> tuple[float, int]:
-    """Median µs of one naive step and the number of steps timed (budgeted at large N)."""
-    table = init.copy()
-    rng = np.random.default_rng(SEED)
-    start = time.perf_counter()
-    for step in range(NAIVE_WARMUP):
-        _naive_step(table, batch, rng, losses[step % len(losses)])
-    per_step = (time.perf_counter() - start) / NAIVE_WARMUP
-    budgeted = int(NAIVE_BUDGET_S / per_step) if per_step > 0 else repeats
-    repeats = max(NAIVE_MIN_REPEATS, min(repeats, budgeted))
-    samples: list[float] = []
-    for step in range(repeats):
-        values = losses[step % len(losses)]
-        start = time.perf_counter()
-        _naive_step(table, batch, rng, values)
-        samples.append(time.perf_counter() - start)
-    return _median_us(samples), repeats
-
-
-def run_config(n: int, batch: int, init: np.ndarray, repeats: int) -> ConfigResult:
-    """Build a sampler for (n, batch), time it and the naive baseline, and free the sampler."""
-    torch.manual_seed(SEED)
-    torch_losses = [torch.rand(batch) for _ in range(LOSS_POOL)]
-    numpy_losses = np.random.default_rng(SEED + 1).random((LOSS_POOL, batch))
-
-    start = time.perf_counter()
+def torchdro_step(n: int, batch: int, init: np.ndarray, losses: list[torch.Tensor]) -> Step:
+    """A sampler over ``init`` and one public step: draw a batch, update it."""
     sampler = HardnessWeightedSampler(
         n, batch, beta=BETA, init_loss=init, num_batches=NUM_BATCHES, seed=SEED
     )
-    build_s = time.perf_counter() - start
-    bytes_per_example = sampler.nbytes / n
-    torchdro_us = time_torchdro(sampler, torch_losses, repeats)
-    del sampler
-    gc.collect()
-    # Like for like with the baseline, which draws without replacement.
-    distinct_us: float | None = None
-    if batch <= n:
-        sampler = HardnessWeightedSampler(
-            n, batch, beta=BETA, init_loss=init, num_batches=NUM_BATCHES, seed=SEED,
-            replacement=False,
-        )  # fmt: skip
-        distinct_us = time_torchdro(sampler, torch_losses, repeats)
-        del sampler
-        gc.collect()
+    batches = iter(sampler)
 
-    # Drawing B distinct indices is impossible when B > N; the baseline is then left out.
-    naive_us: float | None = None
+    def step(k: int) -> None:
+        sampler.update(next(batches), losses[k % len(losses)])
+
+    step.nbytes = sampler.nbytes  # type: ignore[attr-defined]
+    return step
+
+
+def torchrl_step(
+    classes: Any, n: int, batch: int, init: np.ndarray, losses: list[torch.Tensor]
+) -> Step:
+    """torchrl's sampler over the same law and one public step: sample, update priorities."""
+    prioritized, tensor_storage = classes
+    storage = tensor_storage(torch.arange(n))
+    gc.collect()
+    before = _rss_bytes()
+    sampler = prioritized(n, alpha=1.0, beta=1.0, eps=0.0, dtype=torch.float64)
+    sampler.update_priority(torch.arange(n), torch.exp(BETA * torch.from_numpy(init)))
+    grown = _rss_bytes() - before
+
+    def step(k: int) -> None:
+        index, _ = sampler.sample(storage, batch)
+        sampler.update_priority(index, torch.exp(BETA * losses[k % len(losses)]))
+
+    step.nbytes = grown if n >= RSS_MIN_N and before > 0 else None  # type: ignore[attr-defined]
+    return step
+
+
+def naive_step(n: int, batch: int, init: np.ndarray, losses: np.ndarray) -> Step:
+    """The reference implementation's method verbatim: O(N) softmax and choice, then a
+    per-index Python write."""
+    table = init.copy()
+    rng = np.random.default_rng(SEED)
+
+    def step(k: int) -> None:
+        z = BETA * table
+        z -= z.max()
+        p = np.exp(z)
+        p /= p.sum()
+        idx = rng.choice(n, size=batch, replace=False, p=p)
+        for i, v in zip(idx.tolist(), losses[k % len(losses)].tolist(), strict=True):
+            table[i] = v
+
+    return step
+
+
+def _timed(step: Step, k: int) -> float:
+    start = time.perf_counter()
+    step(k)
+    return time.perf_counter() - start
+
+
+def run_config(
+    n: int, batch: int, init: np.ndarray, repeats: int, torchrl: Any, naive_max_n: int
+) -> ConfigResult:
+    """Build every sampler for (n, batch), time them interleaved, then free them."""
+    torch.manual_seed(SEED)
+    losses = [torch.rand(batch) for _ in range(LOSS_POOL)]
+    steps: dict[str, Step] = {"torchdro": torchdro_step(n, batch, init, losses)}
+    if torchrl is not None:  # its float64 tree takes float64 priorities: same values
+        double = [loss.double() for loss in losses]
+        steps["torchrl"] = torchrl_step(torchrl, n, batch, init, double)
     naive_repeats = 0
-    if batch <= n:
-        naive_us, naive_repeats = time_naive(init, batch, numpy_losses, repeats)
-    return ConfigResult(
+    if n <= naive_max_n and batch <= n:  # B distinct indices out of N < B cannot exist
+        numpy_losses = np.stack([loss.double().numpy() for loss in losses])
+        steps["naive"] = naive_step(n, batch, init, numpy_losses)
+        per_step = min(_timed(steps["naive"], k) for k in range(2))
+        budgeted = int(NAIVE_BUDGET_S / per_step) if per_step > 0 else repeats
+        naive_repeats = max(NAIVE_MIN_REPEATS, min(repeats, budgeted))
+
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for k in range(WARMUP + repeats):
+        # Alternate the order, so that neither library always runs with a warm cache.
+        for name in names if k % 2 == 0 else names[::-1]:
+            if name == "naive" and k >= WARMUP + naive_repeats:
+                continue
+            elapsed = _timed(steps[name], k)
+            if k >= WARMUP:
+                samples[name].append(elapsed)
+    median = {name: statistics.median(times) * 1e6 for name, times in samples.items() if times}
+    torchrl_us = median.get("torchrl")
+    torchrl_bytes = getattr(steps.get("torchrl"), "nbytes", None)
+    result = ConfigResult(
         n=n,
         batch=batch,
-        torchdro_us=torchdro_us,
-        distinct_us=distinct_us,
-        torchdro_repeats=repeats,
-        naive_us=naive_us,
+        repeats=repeats,
+        torchdro_us=median["torchdro"],
+        torchrl_us=torchrl_us,
+        ratio=None if torchrl_us is None else median["torchdro"] / torchrl_us,
+        naive_us=median.get("naive"),
         naive_repeats=naive_repeats,
-        speedup=None if naive_us is None else naive_us / torchdro_us,
-        bytes_per_example=bytes_per_example,
-        build_s=build_s,
+        torchdro_bytes_per_example=steps["torchdro"].nbytes / n,  # type: ignore[attr-defined]
+        torchrl_bytes_per_example=None if torchrl_bytes is None else torchrl_bytes / n,
     )
-
-
-def run_huge() -> HugeResult:
-    """Build the N=1e8 sampler once, time B=32 steps, then release its memory."""
-    init = np.random.default_rng(SEED).random(HUGE_N)
-    start = time.perf_counter()
-    sampler = HardnessWeightedSampler(
-        HUGE_N, HUGE_BATCH, beta=BETA, init_loss=init, num_batches=NUM_BATCHES, seed=SEED
-    )
-    build_s = time.perf_counter() - start
-    del init
-    torch.manual_seed(SEED)
-    losses = [torch.rand(HUGE_BATCH) for _ in range(LOSS_POOL)]
-    result = HugeResult(
-        n=HUGE_N,
-        batch=HUGE_BATCH,
-        build_s=build_s,
-        bytes_per_example=sampler.nbytes / HUGE_N,
-        torchdro_us=time_torchdro(sampler, losses, HUGE_REPEATS),
-        repeats=HUGE_REPEATS,
-    )
-    del sampler
+    del steps
     gc.collect()
     return result
 
 
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+def run_huge() -> HugeResult:
+    """Build the N = 1e8 sampler once, time B = 32 steps, then release its memory."""
+    init = np.random.default_rng(SEED).random(HUGE_N)
+    torch.manual_seed(SEED)
+    losses = [torch.rand(HUGE_BATCH) for _ in range(LOSS_POOL)]
+    start = time.perf_counter()
+    step = torchdro_step(HUGE_N, HUGE_BATCH, init, losses)
+    build_s = time.perf_counter() - start
+    del init
+    for k in range(WARMUP):
+        step(k)
+    times = [_timed(step, k) for k in range(HUGE_REPEATS)]
+    result = HugeResult(
+        n=HUGE_N,
+        batch=HUGE_BATCH,
+        build_s=build_s,
+        bytes_per_example=step.nbytes / HUGE_N,  # type: ignore[attr-defined]
+        torchdro_us=statistics.median(times) * 1e6,
+        repeats=HUGE_REPEATS,
+    )
+    del step
+    gc.collect()
+    return result
 
 
 def summarize(results: Sequence[ConfigResult]) -> dict[str, Any]:
-    """The three headline checks; a check whose configuration was not run is None."""
-    by_key = {(r.n, r.batch): r for r in results}
-    at = by_key.get(SPEEDUP_AT)
-    speedup = None if at is None else at.speedup
-
-    sizes = sorted({r.n for r in results})
-    ratios: dict[int, float] = {}
-    if len(sizes) >= 2:
-        small, large = sizes[0], sizes[-1]
-        for batch in sorted({r.batch for r in results}):
-            if (small, batch) in by_key and (large, batch) in by_key:
-                ratios[batch] = by_key[large, batch].torchdro_us / by_key[small, batch].torchdro_us
-
-    max_bytes = max(r.bytes_per_example for r in results)
+    """The targets of issue 13; a check whose configuration was not run is None."""
+    ratios = [r for r in results if r.ratio is not None]
+    ratio_pass = [
+        r.ratio <= (TARGET_RATIO_SMALL_B if r.batch <= 256 else TARGET_RATIO_LARGE_B)
+        for r in ratios
+    ]
+    at = next((r for r in results if (r.n, r.batch) == TARGET_STEP_AT), None)
+    naive = [r for r in results if r.naive_us is not None]
+    max_bytes = max(r.torchdro_bytes_per_example for r in results)
     return {
-        "speedup": {
-            "n": SPEEDUP_AT[0],
-            "batch": SPEEDUP_AT[1],
-            "value": speedup,
-            "target": TARGET_SPEEDUP,
-            "aim": AIM_SPEEDUP,
-            "pass": None if speedup is None else speedup >= TARGET_SPEEDUP,
+        "ratio": {
+            "worst": max((r.ratio for r in ratios), default=None),
+            "target_small_batch": TARGET_RATIO_SMALL_B,
+            "target_large_batch": TARGET_RATIO_LARGE_B,
+            "failing": [
+                [r.n, r.batch, r.ratio] for r, ok in zip(ratios, ratio_pass, strict=True) if not ok
+            ],
+            "pass": None if not ratios else all(ratio_pass),
         },
-        "cost_ratio": {
-            "small_n": sizes[0],
-            "large_n": sizes[-1],
-            "by_batch": {str(batch): ratio for batch, ratio in ratios.items()},
-            "target": TARGET_RATIO,
-            "pass": {str(batch): ratio <= TARGET_RATIO for batch, ratio in ratios.items()},
+        "step": {
+            "n": TARGET_STEP_AT[0],
+            "batch": TARGET_STEP_AT[1],
+            "us": None if at is None else at.torchdro_us,
+            "target_us": TARGET_STEP_US,
+            "pass": None if at is None else at.torchdro_us <= TARGET_STEP_US,
+        },
+        "naive": {
+            "slower_than_naive": [
+                [r.n, r.batch, r.torchdro_us / r.naive_us]  # type: ignore[operator]
+                for r in naive
+                if r.torchdro_us > r.naive_us  # type: ignore[operator]
+            ],
+            "pass": None if not naive else all(r.torchdro_us <= r.naive_us for r in naive),  # type: ignore[operator]
         },
         "bytes_per_example": {
             "max": max_bytes,
@@ -294,63 +334,56 @@ def summarize(results: Sequence[ConfigResult]) -> dict[str, Any]:
     }
 
 
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def format_table(results: Sequence[ConfigResult]) -> str:
     header = (
-        f"{'N':>6} {'B':>5} {'torchdro µs':>12} {'no-repl µs':>11} {'naive µs':>12} "
-        f"{'speedup':>9} {'no-repl':>9} {'bytes/ex':>9}"
+        f"{'N':>5} {'B':>5} {'torchdro µs':>12} {'torchrl µs':>11} {'ratio':>6} "
+        f"{'naive µs':>10} {'dro B/ex':>9} {'rl B/ex':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
-        naive = "-" if r.naive_us is None else f"{r.naive_us:.1f}"
-        speedup = "-" if r.speedup is None else f"{r.speedup:.1f}x"
-        distinct = "-" if r.distinct_us is None else f"{r.distinct_us:.1f}"
-        distinct_speedup = (
-            "-"
-            if r.naive_us is None or r.distinct_us is None
-            else f"{r.naive_us / r.distinct_us:.1f}x"
-        )
         lines.append(
-            f"{_fmt_n(r.n):>6} {r.batch:>5} {r.torchdro_us:>12.1f} {distinct:>11} {naive:>12} "
-            f"{speedup:>9} {distinct_speedup:>9} {r.bytes_per_example:>9.2f}"
+            f"{_fmt_n(r.n):>5} {r.batch:>5} {r.torchdro_us:>12.1f} "
+            f"{_cell(r.torchrl_us, '.1f'):>11} {_cell(r.ratio, '.2f'):>6} "
+            f"{_cell(r.naive_us, '.1f'):>10} {r.torchdro_bytes_per_example:>9.2f} "
+            f"{_cell(r.torchrl_bytes_per_example, '.1f'):>8}"
         )
     return "\n".join(lines)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("PASS" if ok else "FAIL")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines: list[str] = []
-    s = summary["speedup"]
-    where = f"N={_fmt_n(s['n'])}, B={s['batch']}"
-    if s["value"] is None:
-        lines.append(f"(a) speedup at {where}: not measured")
-    else:
-        aim = "aim met" if s["value"] >= s["aim"] else f"aim {s['aim']:.0f}x not met"
-        lines.append(
-            f"(a) speedup at {where}: {s['value']:.1f}x "
-            f"[target >= {s['target']:.0f}x: {_verdict(s['pass'])}; {aim}]"
-        )
-    c = summary["cost_ratio"]
-    label = f"torchdro(N={_fmt_n(c['large_n'])}) / torchdro(N={_fmt_n(c['small_n'])})"
-    if not c["by_batch"]:
-        lines.append(f"(b) cost ratio {label}: not measured")
-    for batch, ratio in c["by_batch"].items():
-        lines.append(
-            f"(b) cost ratio {label}, B={batch}: {ratio:.2f} "
-            f"[target <= {c['target']:.1f}: {_verdict(c['pass'][batch])}]"
-        )
-    b = summary["bytes_per_example"]
-    lines.append(
-        f"(c) max bytes per example: {b['max']:.2f} "
-        f"[target <= {b['target']:.0f}: {_verdict(b['pass'])}]"
-    )
+    r, s, v, b = (summary[key] for key in ("ratio", "step", "naive", "bytes_per_example"))
+    worst = "-" if r["worst"] is None else f"{r['worst']:.2f}"
+    failing = ", ".join(f"N={_fmt_n(n)} B={batch}: {ratio:.2f}" for n, batch, ratio in r["failing"])
+    lines = [
+        f"(a) torchdro/torchrl ratio, worst {worst} [target <= {r['target_small_batch']:.1f} "
+        f"at B <= 256, <= {r['target_large_batch']:.1f} above: {_verdict(r['pass'])}]"
+        + (f" failing: {failing}" if failing else ""),
+        f"(b) step at N={_fmt_n(s['n'])}, B={s['batch']}: {_cell(s['us'], '.1f')} µs "
+        f"[target <= {s['target_us']:.0f} µs: {_verdict(s['pass'])}]",
+        f"(c) never slower than the O(N) method: {_verdict(v['pass'])}"
+        + "".join(
+            f"; N={_fmt_n(n)} B={batch}: {ratio:.2f}x its time"
+            for n, batch, ratio in v["slower_than_naive"]
+        ),
+        f"(d) max bytes per example: {b['max']:.2f} [target <= {b['target']:.0f}: "
+        f"{_verdict(b['pass'])}]",
+    ]
     return "\n".join(lines)
 
 
-def format_huge(huge: HugeResult) -> str:
-    return (
-        f"huge N={_fmt_n(huge.n)}: build {huge.build_s:.2f} s, "
-        f"{huge.bytes_per_example:.2f} bytes/example, "
-        f"draw+update B={huge.batch}: {huge.torchdro_us:.1f} µs (median of {huge.repeats})"
-    )
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _environment() -> dict[str, Any]:
@@ -359,36 +392,43 @@ def _environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "numpy": np.__version__,
         "torch": torch.__version__,
         "torchdro": torchdro.__version__,
+        "torchrl": _version("torchrl"),
+        "tensordict": _version("tensordict"),
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_sampler",
-        description="Time one draw + update of HardnessWeightedSampler against a naive "
-        "full-softmax sampler.",
+        description="Time one draw + update of HardnessWeightedSampler against torchrl's "
+        "PrioritizedSampler and the O(N) reference method.",
     )
     parser.add_argument(
-        "--sizes",
-        type=_parse_counts,
-        default=list(DEFAULT_SIZES),
-        help="comma-separated table sizes N (default: 1e3,1e4,1e5,1e6,1e7)",
+        "--sizes", type=_parse_counts, help="comma-separated table sizes N (default: 1e3,...,1e7)"
     )
     parser.add_argument(
-        "--batches",
-        type=_parse_counts,
-        default=list(DEFAULT_BATCHES),
-        help="comma-separated batch sizes B (default: 2,32,256)",
+        "--batches", type=_parse_counts, help="comma-separated batch sizes B (default: 32,256,4096)"
     )
     parser.add_argument(
         "--repeats",
         type=_parse_count,
-        default=DEFAULT_REPEATS,
-        help=f"timed steps per configuration (default: {DEFAULT_REPEATS}); the naive "
-        f"baseline runs fewer at large N, but at least {NAIVE_MIN_REPEATS}",
+        help=f"timed steps per configuration (default: {DEFAULT_REPEATS})",
+    )
+    parser.add_argument(
+        "--naive-max-n",
+        type=_parse_count,
+        default=DEFAULT_NAIVE_MAX_N,
+        help=f"largest N at which the O(N) method runs (default: {_fmt_n(DEFAULT_NAIVE_MAX_N)})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: N in {{{','.join(map(_fmt_n, QUICK_SIZES))}}}, B in "
+        f"{{{','.join(map(str, QUICK_BATCHES))}}}, {QUICK_REPEATS} steps (explicit options win)",
     )
     parser.add_argument(
         "--huge",
@@ -401,18 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sizes: list[int] = args.sizes or list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    batches: list[int] = args.batches or list(QUICK_BATCHES if args.quick else DEFAULT_BATCHES)
+    repeats: int = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    # One thread for every library: torchrl's tensors and torchdro's weights alike.
+    torch.set_num_threads(1)
+    torchrl, why_not = load_torchrl()
+    if torchrl is None:
+        print(f"torchrl is not usable here, its columns stay empty ({why_not})", file=sys.stderr)
     wall_start = time.perf_counter()
-    sizes: list[int] = args.sizes
-    batches: list[int] = args.batches
 
     results: list[ConfigResult] = []
     with tqdm(total=len(sizes) * len(batches), desc="configs", file=sys.stderr) as bar:
         for n in sizes:
-            # One init vector per N, shared by every B and by the baseline: same distribution.
+            # One init vector per N, shared by every method and B: the same law for all.
             init = np.random.default_rng(SEED).random(n)
             for batch in batches:
                 bar.set_postfix_str(f"N={_fmt_n(n)} B={batch}")
-                results.append(run_config(n, batch, init, args.repeats))
+                results.append(run_config(n, batch, init, repeats, torchrl, args.naive_max_n))
                 bar.update()
             del init
 
@@ -423,12 +469,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     summary = summarize(results)
     wall_s = time.perf_counter() - wall_start
-
     print(format_table(results))
     print()
     print(format_summary(summary))
     if huge is not None:
-        print(format_huge(huge))
+        print(
+            f"huge N={_fmt_n(huge.n)}: build {huge.build_s:.2f} s, "
+            f"{huge.bytes_per_example:.2f} bytes/example, draw+update B={huge.batch}: "
+            f"{huge.torchdro_us:.1f} µs (median of {huge.repeats})"
+        )
+    if torchrl is None:
+        print(f"torchrl: not measured ({why_not})")
     print(f"total wall time: {wall_s:.1f} s")
 
     if args.out:
@@ -436,15 +487,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "settings": {
                 "sizes": sizes,
                 "batches": batches,
-                "repeats": args.repeats,
+                "repeats": repeats,
                 "warmup": WARMUP,
-                "naive_warmup": NAIVE_WARMUP,
+                "naive_max_n": args.naive_max_n,
                 "naive_min_repeats": NAIVE_MIN_REPEATS,
                 "naive_budget_s": NAIVE_BUDGET_S,
                 "beta": BETA,
                 "seed": SEED,
+                "torchrl_dtype": "float64",
             },
             "environment": _environment(),
+            "torchrl_unavailable": why_not,
             "results": [asdict(r) for r in results],
             "summary": summary,
             "huge": None if huge is None else asdict(huge),

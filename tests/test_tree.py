@@ -17,6 +17,18 @@ def _fresh(tree: LogSumTree) -> LogSumTree:
     return LogSumTree(np.array(tree.logits), fanout=tree.fanout, top_size=tree.levels[0].size)
 
 
+def _assert_same_bits(tree: LogSumTree) -> None:
+    """Every stored array equals a rebuild from the leaves, bit for bit: no drift, and no
+    dependence on how the writes were batched."""
+    fresh = _fresh(tree)
+    tree.log_total(), fresh.log_total()  # the top's sums are refreshed lazily
+    mine = [*tree.levels, *tree.cums, tree.top_cum]
+    rebuilt = [*fresh.levels, *fresh.cums, fresh.top_cum]
+    assert len(mine) == len(rebuilt)
+    for a, b in zip(mine, rebuilt, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(
     ("size", "fanout", "top_size", "depth"),
     [(1, 2, 1, 0), (7, 2, 1, 3), (1000, 32, 1024, 0), (1025, 32, 1024, 1), (50, 4, 2, 3)],
@@ -45,8 +57,7 @@ def test_updates_keep_root_exact_and_equal_to_rebuild(size: int, fanout: int, da
     exact = logsumexp(np.array(tree.logits))
     assert tree.log_total() == pytest.approx(exact, rel=1e-12, abs=1e-9)
     # Nodes are recomputed from their children, never incremented: bit-identical to a rebuild.
-    for mine, rebuilt in zip(tree.levels, _fresh(tree).levels, strict=True):
-        np.testing.assert_array_equal(mine, rebuilt)
+    _assert_same_bits(tree)
 
 
 def test_a_million_updates_do_not_drift() -> None:
@@ -57,18 +68,58 @@ def test_a_million_updates_do_not_drift() -> None:
         idx = rng.choice(size, 500, replace=False)
         tree.set(idx, rng.normal(scale=rng.choice([1e-3, 1.0, 1e3]), size=500))
     assert tree.log_total() == pytest.approx(logsumexp(np.array(tree.logits)), rel=1e-13)
-    for mine, rebuilt in zip(tree.levels, _fresh(tree).levels, strict=True):
-        np.testing.assert_array_equal(mine, rebuilt)
+    _assert_same_bits(tree)
 
 
-@pytest.mark.parametrize(("fanout", "top_size"), [(2, 1), (3, 2), (4, 8), (32, 1024)])
-def test_draws_follow_softmax(fanout: int, top_size: int) -> None:
+@pytest.mark.parametrize("batch", [1, 2, 255, 256, 3000, 20_000])
+def test_writes_of_any_batch_size_match_a_rebuild(batch: int) -> None:
+    # Rows are summed one way for few rows and another for many (and a level with fewer rows
+    # than the batch is recomputed whole): every way must give the same bits as a rebuild.
+    rng = np.random.default_rng(4)
+    size = 50_000
+    tree = LogSumTree(rng.normal(scale=30.0, size=size), fanout=8, top_size=64)
+    assert tree.depth >= 3
+    for _ in range(3):
+        idx = rng.choice(size, batch, replace=False)
+        values = rng.normal(scale=30.0, size=batch)
+        values[: batch // 10] = REMOVED
+        tree.set(idx, values)
+    _assert_same_bits(tree)
+
+
+@pytest.mark.parametrize(("fanout", "top_size"), [(2, 1), (3, 2), (4, 8), (8, 4), (32, 1024)])
+@pytest.mark.parametrize("batch", [40, 40_000])
+def test_draws_follow_softmax(fanout: int, top_size: int, batch: int) -> None:
+    # 40 000 draws either in one call (the leaf rows are exponentiated all at once, and
+    # summed column by column) or in calls of 40 (rows exponentiated one by one).
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=1.5, size=37)
     tree = LogSumTree(logits, fanout=fanout, top_size=top_size)
-    draws = tree.sample(rng.random((tree.depth + 1, 40_000)))[0]
+    draws = np.concatenate(
+        [tree.sample(rng.random((tree.depth + 1, batch)))[0] for _ in range(40_000 // batch)]
+    )
     counts = np.bincount(draws, minlength=37)
     assert chi_square_pvalue(counts, softmax(logits)) > ALPHA
+
+
+def test_draws_follow_softmax_in_a_deep_wide_tree() -> None:
+    # Thousands of leaf rows, so that both ways of drawing a batch of 2000 (exponentiate the
+    # rows drawn, or all rows) are exercised, each against the exact law.
+    rng = np.random.default_rng(5)
+    logits = rng.normal(scale=2.0, size=30_000)
+    logits[::7] = REMOVED
+    p = softmax(logits)
+    for size in (30_000, 100):  # 2000 * 8 < 30 000 leaves: descent; 100 leaves: all at once
+        tree = LogSumTree(logits[:size], fanout=8, top_size=16)
+        draws = np.concatenate(
+            [tree.sample(rng.random((tree.depth + 1, 2000)))[0] for _ in range(20)]
+        )
+        q = softmax(logits[:size]) if size < logits.size else p
+        # Pool the leaves into 40 bins of equal size, so every bin expects many draws.
+        bins = np.arange(size) * 40 // size
+        counts = np.bincount(bins[draws], minlength=40)
+        assert not np.isin(draws, np.arange(0, size, 7)).any()
+        assert chi_square_pvalue(counts, np.bincount(bins, weights=q, minlength=40)) > ALPHA
 
 
 def test_draw_test_has_power() -> None:
@@ -91,6 +142,12 @@ def test_zero_mass_leaves_are_never_drawn() -> None:
     edge = np.full((tree.depth + 1, 4), np.nextafter(1.0, 0.0))
     assert not np.isin(tree.sample(edge)[0], removed).any()
     assert not np.isin(tree.sample(np.zeros((tree.depth + 1, 4)))[0], removed).any()
+
+
+def test_memory_per_leaf_is_small() -> None:
+    # Leaves (8 bytes) plus the levels above and their sums: about 2 bytes more per leaf.
+    tree = LogSumTree(np.zeros(100_000))
+    assert tree.nbytes / tree.size < 10.5
 
 
 @pytest.mark.parametrize("scale", [1e-300, 1.0, 1e6, 1e12])

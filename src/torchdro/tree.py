@@ -1,10 +1,18 @@
 """Log-domain sampling tree: draw indices from softmax(logits) in O(B log N).
 
 Pure numpy, no torch. Internal nodes hold the logsumexp of their children and are always
-recomputed from them, never incremented, so the tree neither overflows nor drifts. The
-levels near the root are small; rather than descend them one call at a time, the topmost
-kept level (at most ``top_size`` nodes) is scanned in one pass per draw. See
-``docs/theory.md`` for the derivation and ``docs/benchmarks.md`` for how the shape was chosen.
+recomputed from them, never incremented, so the tree neither overflows nor drifts.
+
+Beside each row of siblings above the leaves, the tree also keeps the row's cumulative sums
+in the linear domain, relative to the row's own maximum: exp(child - max) is in [0, 1], so
+nothing overflows, and a draw descends such a row with one gather and one comparison, with
+no ``exp``. Those sums are refreshed whenever a row is written, from the row alone, so they
+too are a pure function of the leaves. Only the leaf rows (most of the memory) are kept in
+the log domain alone and exponentiated at draw time. The levels near the root are small;
+rather than descend them, the topmost kept level (at most ``top_size`` nodes) is held as one
+cumulative sum and searched in one call. When a batch would touch more leaves than the table
+holds, a draw scans all leaves at once instead of descending. See ``docs/theory.md`` for the
+derivation and ``docs/benchmarks.md`` for how the shape was chosen.
 """
 
 from __future__ import annotations
@@ -21,28 +29,57 @@ REMOVED = -1e300
 _BUILD_CHUNK_ROWS = 1 << 16
 # Keeps u * total strictly below total, so a draw never runs past the last child with mass.
 _BELOW_ONE = 1.0 - 2.0**-52
+# From this many rows on, rows are summed column by column (see _cumulate).
+_WIDE_ROWS = 256
 
 
-def _row_logsumexp(rows: np.ndarray) -> np.ndarray:
-    """logsumexp over the last axis of a (k, fanout) array; each row holds a finite entry."""
-    top = rows.max(axis=1)
-    return top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+def _cumulate(rows: np.ndarray, shift: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative sums of exp(rows - shift) along each row of a (k, fanout) array.
+
+    ``shift`` (shape (k,)) defaults to the row maximum, so each row must hold a finite entry.
+    Returns ``(shift, cum)``, ``cum`` of shape (k, fanout). The sums run left to right one
+    term at a time whichever way they are computed (one call per row for few rows, one call
+    per column for many), so the same row gives the same bits at any k: a write and a
+    rebuild agree exactly, and a child without mass never raises the sum.
+    """
+    if rows.shape[0] < _WIDE_ROWS:
+        if shift is None:
+            shift = rows.max(axis=1)
+        return shift, np.exp(rows - shift[:, None]).cumsum(axis=1)
+    # Many short rows: numpy reduces a short row slowly, a long column quickly.
+    columns = rows.T.copy()
+    if shift is None:
+        shift = columns.max(axis=0)
+    columns -= shift
+    np.exp(columns, out=columns)
+    for j in range(1, columns.shape[0]):
+        columns[j] += columns[j - 1]
+    return shift, np.ascontiguousarray(columns.T)
+
+
+def _choose(cum: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Per row of ``cum`` (cumulative masses, shape (B, fanout)), the first column whose
+    cumulative mass exceeds ``uniforms * total``: a child with mass, as ``uniforms < 1``."""
+    return (cum > (uniforms * cum[:, -1])[:, None]).argmax(axis=1)
 
 
 class LogSumTree:
     """A tree over ``size`` logits with ``fanout`` children per node.
 
-    ``levels[0]`` is the top (at most ``top_size`` nodes, scanned whole) and ``levels[-1]``
+    ``levels[0]`` is the top (at most ``top_size`` nodes, searched whole) and ``levels[-1]``
     the leaves. Every level below the top is padded with ``-inf`` to a multiple of
-    ``fanout`` and read as rows of siblings; ``rows[d]`` are those 2-D views.
+    ``fanout`` and read as rows of siblings; ``rows[d]`` are those 2-D views, and
+    ``cums[d]`` (same shape as ``rows[d]``, for every level but the leaves) their cumulative
+    sums relative to each row's maximum. ``top_cum`` is the same for the top level.
 
     Args:
-        logits: shape (N,), finite log-weights (unnormalised log-probabilities).
+        logits: shape (N,), log-weights (unnormalised log-probabilities); each row of
+            ``fanout`` siblings must hold a finite one (use ``REMOVED`` for log 0).
         fanout: children per node, >= 2.
-        top_size: the largest level size scanned in one pass, >= 1.
+        top_size: the largest level size searched in one pass, >= 1.
     """
 
-    def __init__(self, logits: np.ndarray, fanout: int = 32, top_size: int = 1024) -> None:
+    def __init__(self, logits: np.ndarray, fanout: int = 8, top_size: int = 256) -> None:
         if fanout < 2 or top_size < 1:
             raise ValueError(f"need fanout >= 2 and top_size >= 1, got {fanout}, {top_size}")
         logits = np.asarray(logits, dtype=np.float64)
@@ -58,6 +95,10 @@ class LogSumTree:
         for n in sizes[1:]:
             self.levels.append(np.full(-(-n // fanout) * fanout, -np.inf))
         self.rows: list[np.ndarray] = [level.reshape(-1, fanout) for level in self.levels[1:]]
+        self.cums: list[np.ndarray] = [np.zeros_like(rows) for rows in self.rows[:-1]]
+        self.top_cum = np.zeros(sizes[0])
+        self._top_peak = 0.0
+        self._top_stale = True
         self.rebuild(logits)
 
     @property
@@ -74,40 +115,52 @@ class LogSumTree:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by every level, leaves included."""
-        return sum(level.nbytes for level in self.levels)
+        """Bytes held by every level and cumulative sum, leaves included."""
+        arrays = [*self.levels, *self.cums, self.top_cum]
+        return sum(array.nbytes for array in arrays)
 
     def log_total(self) -> float:
         """logsumexp of all leaves: the log of the normaliser. O(top_size)."""
-        top = self.levels[0]
-        peak = top.max()
-        return float(peak + np.log(np.exp(top - peak).sum()))
+        self._refresh_top()
+        return float(self._top_peak + np.log(self.top_cum[-1]))
 
     def rebuild(self, logits: np.ndarray | None = None) -> None:
         """Optionally replace every leaf, then recompute all internal nodes. O(N)."""
         if logits is not None:
             self.levels[-1][: self.size] = logits
         for depth in range(self.depth - 1, -1, -1):
-            rows = self.rows[depth]
-            parent = self.levels[depth]
-            for start in range(0, rows.shape[0], _BUILD_CHUNK_ROWS):
-                stop = min(start + _BUILD_CHUNK_ROWS, rows.shape[0])
-                parent[start:stop] = _row_logsumexp(rows[start:stop])
+            self._reduce_level(depth)
+        self._top_stale = True
 
     def set(self, indices: np.ndarray, logits: np.ndarray) -> None:
         """Write ``logits`` at ``indices`` (both shape (B,)) and recompute their ancestors.
 
-        The caller guarantees valid, distinct int64 indices. Cost O(B * fanout * depth).
+        The caller guarantees valid, distinct int64 indices. Cost O(B * fanout * depth),
+        and never more than a rebuild: a level with no more rows than the batch holds
+        indices is recomputed whole.
         """
         self.levels[-1][indices] = logits
         nodes = indices
         for depth in range(self.depth - 1, -1, -1):
+            rows = self.rows[depth]
+            if rows.shape[0] <= nodes.size:
+                # As many rows as writes: recompute whole levels from here up, as a rebuild
+                # does; no gather, and no row computed twice.
+                for above in range(depth, -1, -1):
+                    self._reduce_level(above)
+                break
             nodes = nodes // self.fanout
-            self.levels[depth][nodes] = _row_logsumexp(self.rows[depth][nodes])
+            top, cum = _cumulate(rows.take(nodes, axis=0))
+            self.levels[depth][nodes] = top + np.log(cum[:, -1])
+            if depth < len(self.cums):
+                self.cums[depth][nodes] = cum
+        # The top is summed on the next draw: writes that come in runs (a draw without
+        # replacement) pay for it once.
+        self._top_stale = True
 
     def leaf_logits(self, indices: np.ndarray) -> np.ndarray:
         """The leaves at ``indices``, shape (B,)."""
-        return self.levels[-1][indices]
+        return self.levels[-1].take(indices)
 
     def sample(self, uniforms: np.ndarray) -> tuple[np.ndarray, float]:
         """Draw one leaf per column of ``uniforms`` (shape (depth + 1, B), values in [0, 1)).
@@ -117,15 +170,41 @@ class LogSumTree:
         precision is lost on the way down.
         """
         uniforms = uniforms * _BELOW_ONE
-        top = self.levels[0]
-        peak = top.max()
-        cdf = np.exp(top - peak).cumsum()
-        nodes = np.searchsorted(cdf, uniforms[0] * cdf[-1], side="right")
-        for depth in range(1, self.depth + 1):
-            parent = self.levels[depth - 1][nodes]
+        log_total = self.log_total()
+        count = uniforms.shape[1]
+        nodes = np.searchsorted(self.top_cum, uniforms[0] * self.top_cum[-1], side="right")
+        for depth, cums in enumerate(self.cums):
+            chosen = _choose(cums.take(nodes, axis=0), uniforms[depth + 1])
+            nodes = nodes * self.fanout + chosen
+        if self.depth > 0:
+            leaves, parents = self.rows[-1], self.levels[-2]
             # exp(row - parent) <= 1 since parent = logsumexp(row). Normalising by the row's
             # own sum rather than by 1 means rounding never selects a child without mass.
-            cum = np.exp(self.rows[depth - 1][nodes] - parent[:, None]).cumsum(axis=1)
-            chosen = (cum > (uniforms[depth] * cum[:, -1])[:, None]).argmax(axis=1)
-            nodes = nodes * self.fanout + chosen
-        return nodes, float(peak + np.log(cdf[-1]))
+            if count * self.fanout < leaves.size:
+                _, cum = _cumulate(leaves.take(nodes, axis=0), parents.take(nodes))
+            else:  # the batch would exponentiate more leaves than there are: do all once
+                _, cum = _cumulate(leaves, parents[: leaves.shape[0]])
+                cum = cum.take(nodes, axis=0)
+            nodes = nodes * self.fanout + _choose(cum, uniforms[-1])
+        return nodes, log_total
+
+    def _reduce_level(self, depth: int) -> None:
+        """Recompute every node of ``levels[depth]`` (and its rows' sums) from the level below."""
+        rows = self.rows[depth]
+        parent = self.levels[depth]
+        cums = self.cums[depth] if depth < len(self.cums) else None
+        for start in range(0, rows.shape[0], _BUILD_CHUNK_ROWS):
+            stop = min(start + _BUILD_CHUNK_ROWS, rows.shape[0])
+            top, cum = _cumulate(rows[start:stop])
+            parent[start:stop] = top + np.log(cum[:, -1])
+            if cums is not None:
+                cums[start:stop] = cum
+
+    def _refresh_top(self) -> None:
+        if not self._top_stale:
+            return
+        self._top_stale = False
+        top = self.levels[0]
+        self._top_peak = float(top.max())
+        np.exp(top - self._top_peak, out=self.top_cum)
+        np.cumsum(self.top_cum, out=self.top_cum)
