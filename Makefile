@@ -42,7 +42,15 @@ seg3d: $(STAMP)
 	$(VENV)/bin/torchdro experiment seg3d --out results/seg3d
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.bench_sampler --out results/benchmark.json
+	@# torchrl's C++ extension loads only against the torch it was built for (2.14), so the
+	@# side-by-side runs in its own venv; the .gitignore inside keeps it out of git.
+	test -f .venv-bench/.torchdro-installed || { $(PYTHON) -m venv .venv-bench \
+		&& echo '*' > .venv-bench/.gitignore \
+		&& .venv-bench/bin/python -m pip install --quiet --upgrade pip \
+		&& .venv-bench/bin/python -m pip install --quiet torch==2.14.1 \
+		&& .venv-bench/bin/python -m pip install --quiet -e ".[bench]" torchrl==0.14.1 tensordict==0.14.3 \
+		&& touch .venv-bench/.torchdro-installed; }
+	.venv-bench/bin/python -m benchmarks.bench_sampler --out results/benchmark.json
 
 test: $(TEST_STAMP)
 	$(TEST_PY) -m ruff check src tests benchmarks examples
