@@ -347,28 +347,39 @@ def plot_comparisons(
     path: Path,
     xlabel: str,
     delta: float = DELTA,
+    columns: int = 2,
 ) -> None:
-    """A forest plot per panel: each comparison's mean with its adjusted interval; the ±delta
-    band shaded. Written as PNG with the Agg backend."""
+    """Forest plots, ``columns`` panels per row: each comparison's mean with its adjusted
+    interval (clipped to the axis, which stops at ±1: differences of accuracies), coloured by
+    verdict; the ±delta band shaded. Written as PNG with the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = max((len(c) for _, c in panels), default=1)
+    count = max(len(panels), 1)
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    height = 0.3 * max((len(c) for _, c in panels), default=1) + 1.4
     figure, axes = plt.subplots(
-        1, max(len(panels), 1), figsize=(4.6 * max(len(panels), 1), 0.35 * rows + 1.6),
-        squeeze=False, sharey=False,
-    )  # fmt: skip
-    for ax, (title, comparisons) in zip(axes[0], panels, strict=False):
+        rows, columns, figsize=(5.2 * columns, height * rows), squeeze=False
+    )
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.axis("off")
+            continue
+        title, comparisons = panels[k]
         ax.axvspan(-delta, delta, color="grey", alpha=0.2, linewidth=0)
         ax.axvline(0, color="grey", linewidth=0.8)
-        for k, c in enumerate(comparisons):
+        reach = delta * 2
+        for row, c in enumerate(comparisons):
             low, high = c.adjusted
             color = {"better": "C2", "worse": "C3", "equivalent": "C0"}.get(c.verdict or "", "k")
             if not math.isnan(low):
-                ax.plot([low, high], [k, k], color=color, linewidth=2)
-            ax.plot(c.mean, k, "o", color=color)
+                ax.plot([max(low, -1.0), min(high, 1.0)], [row, row], color=color, linewidth=2)
+                reach = max(reach, min(1.0, max(abs(low), abs(high))))
+            ax.plot(c.mean, row, "o", color=color)
+        ax.set_xlim(-reach * 1.05, reach * 1.05)
         ax.set_yticks(range(len(comparisons)), [c.name for c in comparisons], fontsize=7)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=9)
