@@ -248,19 +248,30 @@ def test_resume_mid_epoch_and_end_of_epoch_equals_the_uninterrupted_run(
             assert torch.equal(a, b)
 
 
+def _log_probs(sampler: HardnessWeightedSampler) -> np.ndarray:
+    return torch.as_tensor(sampler.log_probabilities()).numpy().copy()
+
+
 def test_importance_weights_use_the_drawn_probabilities(tmp_path: Path) -> None:
     data, _ = classification_data(48)
 
     class RecordingSampler(HardnessWeightedSampler):
+        """Keeps every yielded batch with the probabilities of the table it was drawn from."""
+
         drawn: list[tuple[np.ndarray, np.ndarray]]
 
-        def draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-            before = np.exp(self.log_probabilities())
-            before /= before.sum()
-            indices, log_probs = super().draw(count)
-            assert np.allclose(np.exp(log_probs), before[indices], rtol=1e-9, atol=0)
-            self.drawn.append((indices.copy(), log_probs.copy()))
-            return indices, log_probs
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            batches = super().__iter__()
+            while True:
+                table = _log_probs(self)  # just before the next draw
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                indices = np.array([int(i) for i in batch])
+                log_probs = np.array([i.log_prob for i in batch])
+                assert np.allclose(log_probs, table[indices], rtol=0, atol=1e-12)
+                self.drawn.append((indices, log_probs))
+                yield batch
 
     sampler = RecordingSampler(48, 8, beta=1.0, seed=4, importance_weights=True)
     sampler.drawn = []
@@ -269,7 +280,7 @@ def test_importance_weights_use_the_drawn_probabilities(tmp_path: Path) -> None:
     class Trainer(RecordingTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             if DRAW_KEY in inputs:
-                table_at_update.append(self.sampler.log_probabilities().copy())
+                table_at_update.append(_log_probs(self.sampler))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     trainer = Trainer(
