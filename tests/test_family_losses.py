@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linprog, minimize
+from scipy.optimize import linprog, minimize, minimize_scalar
 
 from torchdro import dro_loss
 from torchdro.laws import KL, ChiSquare, CVaR, group_means
@@ -186,6 +186,37 @@ def test_chi_square_slack_ball_is_the_max() -> None:
     for rho in [0.5, 1.5, 100.0]:
         assert closed(chi_square_loss, losses, radius=rho) == 2.0
     assert closed(chi_square_loss, losses, radius=0.49) < 2.0
+
+
+# ---------------------------------------------------------------------- KL
+
+
+def test_kl_penalised_value_is_dro_loss() -> None:
+    losses = np.random.default_rng(14).gamma(2.0, 1.0, size=30)
+    for beta in [0.0, 1e-6, 0.7, 30.0]:
+        expected = dro_loss(torch.tensor(losses), beta).item()
+        assert KL(beta=beta).loss(losses) == pytest.approx(expected, rel=1e-12)
+
+
+def test_kl_constrained_value_matches_its_dual() -> None:
+    # Strong duality: max {E_q L : KL(q || u) <= rho} = min over beta of
+    # (1/beta) log mean exp(beta L) + rho / beta. The fit meets the radius to 1e-6 nats
+    # (beta_for_kl_radius), which moves the value by at most 1e-6 / beta.
+    rng = np.random.default_rng(13)
+    for _ in range(3):
+        losses = rng.gamma(2.0, 1.0, size=20)
+        for rho in [0.01, 0.5, 1.5]:
+            dual = minimize_scalar(
+                lambda t, rho=rho, losses=losses: (
+                    KL(beta=math.exp(t)).loss(losses) + rho / math.exp(t)
+                ),
+                bounds=(-10.0, 10.0),
+                method="bounded",
+                options={"xatol": 1e-10},
+            )
+            law = KL(radius=rho)
+            beta = law.fit(losses).params[0]
+            assert law.loss(losses) == pytest.approx(dual.fun, abs=1e-6 / beta + 1e-9)
 
 
 # ---------------------------------------------------------------------- gradients
