@@ -343,6 +343,31 @@ def test_gradient_accumulation_and_bfloat16(tmp_path: Path) -> None:
     assert np.allclose(logged, returned.numpy(), rtol=1e-4)
 
 
+def test_half_precision_losses_are_accepted(tmp_path: Path) -> None:
+    # fp16 autocast needs a GPU; a loss function that returns float16 takes the same path.
+    data, _ = classification_data(32)
+
+    def half_losses(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        losses = classification_losses(outputs["logits"], labels).half()
+        trainer.losses.append(losses.detach().clone())
+        return losses
+
+    arguments = _args(tmp_path, num_train_epochs=2)
+    trainer = RecordingTrainer(
+        model=tiny_bert(),
+        args=arguments,
+        train_dataset=data,
+        data_collator=DataCollatorWithPadding(tokenizer()),
+        sampler=HardnessWeightedSampler(32, 8, beta=2.0, seed=0, importance_weights=True),
+        per_example_loss=half_losses,
+    )
+    trainer.train()
+    assert trainer.sampler.num_updates == 8 and trainer.losses[0].dtype == torch.float16
+    table = trainer.sampler.losses
+    for index, loss in _last_seen(trainer, len(data)).items():
+        assert table[index].item() == loss
+
+
 def test_masked_lm_trains_on_per_sequence_token_losses(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     data = [
