@@ -55,7 +55,8 @@ def to_numpy(values: Any) -> np.ndarray:
         values = values.detach()
         if values.is_floating_point() and values.dtype not in _NUMPY_FLOATS:
             values = values.to(torch.float64)
-        return values.cpu().numpy()
+        array: np.ndarray = values.cpu().numpy()
+        return array
     return np.asarray(values)
 
 

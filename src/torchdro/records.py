@@ -39,7 +39,7 @@ class DrawInfo(NamedTuple):
     ``update`` and ``weights`` accept it as is.
     """
 
-    index: torch.Tensor | int
+    index: torch.Tensor | int  # type: ignore[assignment]  # shadows tuple.index, on purpose
     log_prob: torch.Tensor | float
     batch: torch.Tensor | int
 
@@ -78,12 +78,12 @@ def unpack(
 ) -> tuple[Indices, Values | None, np.ndarray | None]:
     """Split what ``update`` received into (indices, drawn log-probs, batch ids or None)."""
     if isinstance(indices, list) and indices and isinstance(indices[0], DrawnIndex):
-        drawn = [i.log_prob for i in indices]  # type: ignore[attr-defined]
-        batch_ids = np.array([i.batch for i in indices], dtype=np.int64)  # type: ignore[attr-defined]
+        drawn = [i.log_prob for i in indices]
+        batch_ids = np.array([i.batch for i in indices], dtype=np.int64)
         return indices, drawn if drawn_log_probs is None else drawn_log_probs, batch_ids
     if isinstance(indices, DrawInfo):
         batch_ids = to_numpy(indices.batch).astype(np.int64).reshape(-1)
-        log_prob = indices.log_prob
-        drawn = drawn_log_probs if drawn_log_probs is not None else log_prob
-        return indices.index, drawn, batch_ids  # type: ignore[return-value]
+        log_prob: Values = torch.as_tensor(indices.log_prob)
+        index: Indices = torch.as_tensor(indices.index)
+        return index, log_prob if drawn_log_probs is None else drawn_log_probs, batch_ids
     return indices, drawn_log_probs, None

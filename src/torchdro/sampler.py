@@ -27,7 +27,7 @@ from torchdro._validation import check_positive_int
 from torchdro._warnings import warn_user
 from torchdro.data import check_loader_wiring
 from torchdro.distributed import RankSync, default_sync
-from torchdro.records import DrawInfo, Indices, Values, as_batch
+from torchdro.records import DrawInfo, DrawnIndex, Indices, Values, as_batch
 from torchdro.stream import Batch, EpochStream, InFlightBatches, StreamSettings
 from torchdro.table import (
     LossTable,
@@ -37,7 +37,8 @@ from torchdro.table import (
     as_weight_tensor,
 )
 
-__all__ = ["HardnessWeightedSampler", "SamplerCollapseWarning"]
+# DrawInfo and DrawnIndex are re-exported: 0.1.0 code imports them from here.
+__all__ = ["DrawInfo", "DrawnIndex", "HardnessWeightedSampler", "SamplerCollapseWarning"]
 
 #: Version of the ``state_dict`` layout; bumped whenever a key changes meaning. Version 1
 #: (torchdro 0.1.0) is still read.

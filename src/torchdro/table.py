@@ -127,7 +127,8 @@ def _self_normalised(log_ratio: np.ndarray) -> np.ndarray:
     """exp(log_ratio - logsumexp(log_ratio) + log B): weights with mean 1, in the log domain."""
     peak = log_ratio.max()
     shifted = log_ratio - peak
-    return np.exp(shifted - np.log(np.exp(shifted).sum()) + math.log(log_ratio.size))
+    weights: np.ndarray = np.exp(shifted - np.log(np.exp(shifted).sum()) + math.log(log_ratio.size))
+    return weights
 
 
 class LossTable:
@@ -349,13 +350,13 @@ class LossTable:
         self-normalised p_target / p_drawn (mean 1 over the finite entries, before clipping).
         Entries whose loss is not finite get weight 0."""
         finite = np.isfinite(update.losses)
-        weights = finite.astype(np.float64)
+        weights: np.ndarray = finite.astype(np.float64)
         if not self._settings.importance_weights or not finite.any():
             return weights
         # log r = beta * l - log p_drawn; the normalisers cancel in the self-normalisation.
-        drawn = update.drawn
-        if drawn is None:
-            drawn = self._tree.leaf_logits(update.indices)
+        drawn: np.ndarray = (
+            self._tree.leaf_logits(update.indices) if update.drawn is None else update.drawn
+        )
         hard = finite & ~np.isnan(drawn)  # NaN: a uniform warm-up draw, which keeps weight 1
         if hard.any():
             weights[hard] = _self_normalised(self.beta * update.losses[hard] - drawn[hard])
