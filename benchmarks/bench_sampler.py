@@ -37,6 +37,8 @@ the torchrl columns are left empty and the reason is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import importlib.metadata
 import json
@@ -76,6 +78,7 @@ LOSS_POOL = 16
 NUM_BATCHES = 10**9
 # Below this N the resident-memory growth of torchrl's sampler is lost in allocator noise.
 RSS_MIN_N = 10**5
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 HUGE_N = 10**8
 HUGE_BATCH = 32
@@ -136,6 +139,14 @@ def _parse_counts(text: str) -> list[int]:
 def _fmt_n(n: int) -> str:
     exponent = round(math.log10(n))
     return f"1e{exponent}" if 10**exponent == n else str(n)
+
+
+def _fix_mmap_threshold() -> None:
+    """Have glibc map every block from 128 KiB up afresh and unmap it when freed, so that the
+    resident-memory growth measured for torchrl is its own and not a reuse of freed blocks
+    (glibc otherwise raises this threshold as large blocks are freed). A no-op off glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 17)
 
 
 def _rss_bytes() -> int:
@@ -446,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats: int = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     # One thread for every library: torchrl's tensors and torchdro's weights alike.
     torch.set_num_threads(1)
+    _fix_mmap_threshold()
     torchrl, why_not = load_torchrl()
     if torchrl is None:
         print(f"torchrl is not usable here, its columns stay empty ({why_not})", file=sys.stderr)
