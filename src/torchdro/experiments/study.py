@@ -390,7 +390,9 @@ def plot_comparisons(
     plt.close(figure)
 
 
-def group_by(records: Iterable[RunRecord], key: Callable[[RunRecord], Any]) -> dict[Any, list]:
+def group_by(
+    records: Iterable[RunRecord], key: Callable[[RunRecord], Any]
+) -> dict[Any, list[RunRecord]]:
     """Records grouped by ``key(record)``, in first-seen order."""
     out: dict[Any, list[RunRecord]] = {}
     for record in records:
