@@ -111,6 +111,14 @@ def _loss_for_model(model: torch.nn.Module) -> PerExampleLoss:
     )
 
 
+def _is_hf_dataset(dataset: Any) -> bool:
+    if not is_datasets_available():
+        return False
+    import datasets
+
+    return isinstance(dataset, datasets.Dataset)
+
+
 class _DrawCollator:
     """Collates the user's items with the user's collator and the draw records beside them.
 
@@ -246,13 +254,8 @@ class HardnessWeightedTrainer(Trainer):
             raise ValueError("HardnessWeightedTrainer needs a train_dataset")
         dataset, collate = self.train_dataset, self.data_collator
         # The Trainer's own column filtering: fields forward() does not take never reach it.
-        if is_datasets_available():
-            import datasets
-
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="training")
-            else:
-                collate = self._get_collator_with_removed_columns(collate, description="training")
+        if _is_hf_dataset(dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collate = self._get_collator_with_removed_columns(collate, description="training")
         if len(dataset) != self.sampler.num_samples:  # type: ignore[arg-type]
