@@ -21,9 +21,8 @@ def _assert_same_bits(tree: LogSumTree) -> None:
     """Every stored array equals a rebuild from the leaves, bit for bit: no drift, and no
     dependence on how the writes were batched."""
     fresh = _fresh(tree)
-    tree.log_total(), fresh.log_total()  # the top's sums are refreshed lazily
-    mine = [*tree.levels, *tree.cums, tree.top_cum]
-    rebuilt = [*fresh.levels, *fresh.cums, fresh.top_cum]
+    mine = [*tree.levels, *tree.cums]
+    rebuilt = [*fresh.levels, *fresh.cums]
     assert len(mine) == len(rebuilt)
     for a, b in zip(mine, rebuilt, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -144,10 +143,11 @@ def test_zero_mass_leaves_are_never_drawn() -> None:
     assert not np.isin(tree.sample(np.zeros((tree.depth + 1, 4)))[0], removed).any()
 
 
-def test_memory_per_leaf_is_small() -> None:
-    # Leaves (8 bytes) plus the levels above and their sums: about 2 bytes more per leaf.
-    tree = LogSumTree(np.zeros(100_000))
-    assert tree.nbytes / tree.size < 10.5
+@pytest.mark.parametrize("size", [1000, 100_000])
+def test_memory_per_leaf_is_small(size: int) -> None:
+    # Leaves (8 bytes) plus the levels above and their sums: at most 2.3 bytes more per leaf.
+    tree = LogSumTree(np.zeros(size))
+    assert tree.nbytes / tree.size < 10.3
 
 
 @pytest.mark.parametrize("scale", [1e-300, 1.0, 1e6, 1e12])

@@ -8,11 +8,11 @@ in the linear domain, relative to the row's own maximum: exp(child - max) is in 
 nothing overflows, and a draw descends such a row with one gather and one comparison, with
 no ``exp``. Those sums are refreshed whenever a row is written, from the row alone, so they
 too are a pure function of the leaves. Only the leaf rows (most of the memory) are kept in
-the log domain alone and exponentiated at draw time. The levels near the root are small;
-rather than descend them, the topmost kept level (at most ``top_size`` nodes) is held as one
-cumulative sum and searched in one call. When a batch would touch more leaves than the table
-holds, a draw scans all leaves at once instead of descending. See ``docs/theory.md`` for the
-derivation and ``docs/benchmarks.md`` for how the shape was chosen.
+the log domain alone and exponentiated at draw time (all leaf rows at once when a batch would
+otherwise exponentiate more leaves than there are). The levels near the root are small;
+rather than descend them, the topmost kept level (at most ``top_size`` nodes) is summed and
+searched in one pass per draw. See ``docs/theory.md`` for the derivation and
+``docs/benchmarks.md`` for how the shape was chosen.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class LogSumTree:
     the leaves. Every level below the top is padded with ``-inf`` to a multiple of
     ``fanout`` and read as rows of siblings; ``rows[d]`` are those 2-D views, and
     ``cums[d]`` (same shape as ``rows[d]``, for every level but the leaves) their cumulative
-    sums relative to each row's maximum. ``top_cum`` is the same for the top level.
+    sums relative to each row's maximum.
 
     Args:
         logits: shape (N,), log-weights (unnormalised log-probabilities); each row of
@@ -79,7 +79,7 @@ class LogSumTree:
         top_size: the largest level size searched in one pass, >= 1.
     """
 
-    def __init__(self, logits: np.ndarray, fanout: int = 8, top_size: int = 256) -> None:
+    def __init__(self, logits: np.ndarray, fanout: int = 8, top_size: int = 1024) -> None:
         if fanout < 2 or top_size < 1:
             raise ValueError(f"need fanout >= 2 and top_size >= 1, got {fanout}, {top_size}")
         logits = np.asarray(logits, dtype=np.float64)
@@ -96,9 +96,6 @@ class LogSumTree:
             self.levels.append(np.full(-(-n // fanout) * fanout, -np.inf))
         self.rows: list[np.ndarray] = [level.reshape(-1, fanout) for level in self.levels[1:]]
         self.cums: list[np.ndarray] = [np.zeros_like(rows) for rows in self.rows[:-1]]
-        self.top_cum = np.zeros(sizes[0])
-        self._top_peak = 0.0
-        self._top_stale = True
         self.rebuild(logits)
 
     @property
@@ -116,13 +113,11 @@ class LogSumTree:
     @property
     def nbytes(self) -> int:
         """Bytes held by every level and cumulative sum, leaves included."""
-        arrays = [*self.levels, *self.cums, self.top_cum]
-        return sum(array.nbytes for array in arrays)
+        return sum(array.nbytes for array in [*self.levels, *self.cums])
 
     def log_total(self) -> float:
         """logsumexp of all leaves: the log of the normaliser. O(top_size)."""
-        self._refresh_top()
-        return float(self._top_peak + np.log(self.top_cum[-1]))
+        return self._top()[0]
 
     def rebuild(self, logits: np.ndarray | None = None) -> None:
         """Optionally replace every leaf, then recompute all internal nodes. O(N)."""
@@ -130,7 +125,6 @@ class LogSumTree:
             self.levels[-1][: self.size] = logits
         for depth in range(self.depth - 1, -1, -1):
             self._reduce_level(depth)
-        self._top_stale = True
 
     def set(self, indices: np.ndarray, logits: np.ndarray) -> None:
         """Write ``logits`` at ``indices`` (both shape (B,)) and recompute their ancestors.
@@ -154,9 +148,6 @@ class LogSumTree:
             self.levels[depth][nodes] = top + np.log(cum[:, -1])
             if depth < len(self.cums):
                 self.cums[depth][nodes] = cum
-        # The top is summed on the next draw: writes that come in runs (a draw without
-        # replacement) pay for it once.
-        self._top_stale = True
 
     def leaf_logits(self, indices: np.ndarray) -> np.ndarray:
         """The leaves at ``indices``, shape (B,)."""
@@ -170,9 +161,9 @@ class LogSumTree:
         precision is lost on the way down.
         """
         uniforms = uniforms * _BELOW_ONE
-        log_total = self.log_total()
+        log_total, top_cum = self._top()
         count = uniforms.shape[1]
-        nodes = np.searchsorted(self.top_cum, uniforms[0] * self.top_cum[-1], side="right")
+        nodes = np.searchsorted(top_cum, uniforms[0] * top_cum[-1], side="right")
         for depth, cums in enumerate(self.cums):
             chosen = _choose(cums.take(nodes, axis=0), uniforms[depth + 1])
             nodes = nodes * self.fanout + chosen
@@ -200,11 +191,11 @@ class LogSumTree:
             if cums is not None:
                 cums[start:stop] = cum
 
-    def _refresh_top(self) -> None:
-        if not self._top_stale:
-            return
-        self._top_stale = False
+    def _top(self) -> tuple[float, np.ndarray]:
+        """logsumexp of the top level and the cumulative sums of exp(top - its max). Summed
+        afresh on every call, rather than kept, so that a table small enough to sit in the
+        top whole costs no memory beyond its leaves."""
         top = self.levels[0]
-        self._top_peak = float(top.max())
-        np.exp(top - self._top_peak, out=self.top_cum)
-        np.cumsum(self.top_cum, out=self.top_cum)
+        peak = top.max()
+        cum = np.exp(top - peak).cumsum()
+        return float(peak + np.log(cum[-1])), cum
