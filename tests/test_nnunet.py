@@ -3,10 +3,12 @@ predict. About a minute on CPU; skipped where nnunetv2 is not installed."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,24 @@ import torch
 pytest.importorskip("nnunetv2")
 sitk = pytest.importorskip("SimpleITK")
 
+from torchdro import HardnessWeightedSampler  # noqa: E402
 from torchdro.cli import main as cli_main  # noqa: E402
 from torchdro.experiments.seg3d import make_case  # noqa: E402
+from torchdro.integrations.nnunet import (  # noqa: E402
+    DROSettings,
+    _read_sidecar,
+    nnUNetTrainerDRO,
+)
+from torchdro.table import LossTable  # noqa: E402
 
 DATASET = "Dataset987_TorchdroSynthetic"
+FIXTURE = Path(__file__).parent / "fixtures" / "state_v1.pt"  # written by torchdro 0.1.0
 HARD = "case000"  # its labels contradict its image: its loss stays the highest
+
+
+def losses_for(indices: np.ndarray, step: int) -> np.ndarray:
+    """The stand-in for a model of tests/fixtures/make_state_v1.py."""
+    return np.sin(indices * 0.37 + step) + 1.5 + 0.01 * step
 
 
 def _write(array: np.ndarray, path: Path) -> None:
@@ -86,7 +101,8 @@ def test_nnunet_trainer_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     t = p.mean() - 1 / 8
     assert t > 0 and np.exp(-2 * p.size * t**2) < 1e-5, (p.mean(), Counter(drawn))
     # Every case trained on has its per-case loss in the table, keyed by name.
-    state = first["sampler"]
+    assert first["version"] == 2
+    state = first["table"]
     trained = {name for name, step in zip(first["case_names"], state["last_update"].tolist(),
                                           strict=True) if step >= 0}  # fmt: skip
     assert trained == set(drawn)
@@ -100,7 +116,7 @@ def test_nnunet_trainer_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("TORCHDRO_NUM_EPOCHS", "4")
     assert cli_main(["nnunet", "train", "987", "3d_fullres", "0", "-device", "cpu", "--c"]) == 0
     second = _sidecar(results)
-    assert second["sampler"]["num_updates"] == 40
+    assert second["table"]["num_updates"] == 40
     assert second["drawn_cases"][:60] == drawn
 
     # Inference with the trained DRO model.
@@ -112,18 +128,112 @@ def test_nnunet_trainer_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1, 2, 3}
 
 
-def test_fine_tuning_restores_the_cases_both_datasets_share() -> None:
-    from torchdro import HardnessWeightedSampler
-    from torchdro.integrations.nnunet import nnUNetTrainerDRO
-
-    old = HardnessWeightedSampler(3, 2, beta=1.0, init_loss=[0.5, 0.7, 0.9])
-    saved = {"case_names": ["a", "b", "c"], "sampler": old.state_dict(), "drawn_cases": ["a"]}
-    trainer = nnUNetTrainerDRO.__new__(nnUNetTrainerDRO)  # only the restore logic is tested
-    trainer.case_names = ["c", "x", "a"]
-    trainer.batch_size = 2
-    trainer.sampler = HardnessWeightedSampler(3, 2, beta=1.0, init_loss=[9.0, 9.0, 9.0])
-    trainer.print_to_log_file = lambda *args, **kwargs: None
+def _bare_trainer(case_names: list[str], table: LossTable) -> nnUNetTrainerDRO:
+    """A trainer with only what restoring a sidecar touches (no plans, no network)."""
+    trainer = nnUNetTrainerDRO.__new__(nnUNetTrainerDRO)
+    trainer.case_names, trainer.table, trainer._pending = case_names, table, None
     trainer.drawn_cases, trainer.drawn_log_probs = [], []
-    trainer._apply_restored(saved)
-    assert trainer.sampler.losses.tolist() == [0.9, 9.0, 0.5]
-    assert trainer.drawn_cases == ["a"]
+    trainer.log_lines = []
+    trainer.print_to_log_file = lambda *args, **kwargs: trainer.log_lines.append(args)
+    return trainer
+
+
+def _sidecar_of(names: list[str], losses: list[float], layout: str) -> dict:
+    """A sidecar as this adapter writes it ("table") or as the previous one did ("sampler")."""
+    if layout == "table":
+        table = LossTable(DROSettings(beta=1.0).table_settings(len(names)), init_loss=losses,
+                          seed=3)  # fmt: skip
+        saved = {"version": 2, "table": table.state_dict()}
+    else:
+        sampler = HardnessWeightedSampler(len(names), 2, beta=1.0, init_loss=losses)
+        saved = {"sampler": sampler.state_dict()}
+    log_probs = torch.tensor([-1.0], dtype=torch.float64)
+    return {"case_names": names, "drawn_cases": ["a"], "drawn_log_probs": log_probs, **saved}
+
+
+@pytest.mark.parametrize("layout", ["table", "sampler"])
+def test_fine_tuning_restores_the_cases_both_datasets_share(layout: str) -> None:
+    saved = _sidecar_of(["a", "b", "c"], [0.5, 0.7, 0.9], layout)
+    table = LossTable(DROSettings(beta=1.0).table_settings(3), init_loss=[9.0] * 3, seed=0)
+    trainer = _bare_trainer(["c", "x", "a"], table)
+    trainer._adopt(_read_sidecar(saved, "test"))
+    assert table.losses.tolist() == [0.9, 9.0, 0.5]
+    assert table.beta == 1.0 and table.seed == 0  # this run's table, not theirs
+    assert trainer.drawn_cases == ["a"] and trainer.drawn_log_probs == [-1.0]
+
+
+def test_sidecar_of_the_previous_adapter_resumes_the_identical_stream() -> None:
+    """A sidecar of the adapter before LossTable holds a sampler state; the one here was
+    written by torchdro 0.1.0 (tests/fixtures). Adopted by a trainer whose table has this
+    adapter's defaults, the table takes the checkpoint's settings and generator and
+    continues the stream 0.1.0 produced: the in-flight batches' weights, then fresh draws
+    (indices and log-probabilities) and weights, bit for bit."""
+    recorded = torch.load(FIXTURE, weights_only=True)["cases"]["beta"]
+    assert recorded["state"]["version"] == 1
+    names = [f"case{i:03d}" for i in range(recorded["settings"]["num_samples"])]
+    saved = {"case_names": names, "sampler": recorded["state"], "drawn_cases": names[:2],
+             "drawn_log_probs": torch.tensor([-3.0, -4.0], dtype=torch.float64)}  # fmt: skip
+    table = LossTable(DROSettings().table_settings(len(names)), init_loss=2.0, seed=0, shared=True)
+    trainer = _bare_trainer(names, table)
+    trainer._adopt(_read_sidecar(saved, "test"))
+    assert table.beta == 2.0 and table.settings.momentum == 0.5
+    assert table.settings.importance_weights
+    assert any("momentum 0.0 -> 0.5" in line[0] for line in trainer.log_lines)
+    in_flight = len(recorded["state"]["pending"])
+    step = recorded["steps_before"]
+    for k, (indices, log_probs, weights) in enumerate(
+        zip(recorded["next_indices"], recorded["next_log_probs"], recorded["next_weights"],
+            strict=True)
+    ):  # fmt: skip
+        if k >= in_flight:  # in-flight batches were drawn before the checkpoint
+            drawn, drawn_log_probs = table.draw(indices.numel())
+            assert torch.equal(drawn, indices) and torch.equal(drawn_log_probs, log_probs)
+        losses = torch.from_numpy(losses_for(indices.numpy(), step))
+        assert torch.equal(table.update(indices, losses, log_probs).double(), weights)
+        step += 1
+    assert torch.equal(table.losses, recorded["final_losses"])
+    assert trainer.drawn_cases == names[:2]
+
+
+def test_sidecar_round_trip_continues_the_draws() -> None:
+    settings = DROSettings(beta=3.0, momentum=0.2).table_settings(6)
+    table = LossTable(settings, init_loss=2.0, seed=5, shared=True)
+    for step in range(4):
+        indices, log_probs = table.draw(2)
+        table.update(indices, torch.rand(2, generator=torch.Generator().manual_seed(step)),
+                     log_probs)  # fmt: skip
+    names = [f"c{i}" for i in range(6)]
+    saved = {"version": 2, "case_names": names, "table": table.state_dict(),
+             "drawn_cases": [], "drawn_log_probs": torch.zeros(0, dtype=torch.float64)}  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    fresh = LossTable(DROSettings().table_settings(6), init_loss=2.0, seed=0, shared=True)
+    _bare_trainer(names, fresh)._adopt(_read_sidecar(torch.load(buffer, weights_only=True), "x"))
+    assert fresh.settings == settings and fresh.num_updates == 4
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(fresh.draw(4), table.draw(4), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("layout", "change", "message"),
+    [
+        ("table", lambda s: s.pop("case_names"), "missing key 'case_names'"),
+        ("table", lambda s: s.update(version=3), "unknown layout"),
+        ("table", lambda s: s.update(case_names=["a", "a", "b"]), "duplicates"),
+        ("table", lambda s: s.update(case_names=["a", "b"]), "3 entries for 2 case names"),
+        ("table", lambda s: s["table"]["losses"].__setitem__(1, float("nan")), "losses"),
+        ("table", lambda s: s["table"]["settings"].update(momentum=1.5), "momentum"),
+        ("table", lambda s: s.update(drawn_log_probs=torch.zeros(2)), "one entry per drawn"),
+        ("sampler", lambda s: s["sampler"].update(version=7), "version 7"),
+        ("sampler", lambda s: s.update(case_names=["a", "b"]), "for 3 examples"),
+    ],
+)
+def test_a_bad_sidecar_is_refused_with_its_problem_named(
+    layout: str, change: Callable[[dict], object], message: str
+) -> None:
+    saved = _sidecar_of(["a", "b", "c"], [0.5, 0.7, 0.9], layout)
+    change(saved)
+    with pytest.raises(ValueError, match=r"ckpt\.torchdro is not a readable") as error:
+        _read_sidecar(saved, "ckpt.torchdro")
+    assert message in str(error.value)
