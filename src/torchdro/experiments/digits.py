@@ -729,7 +729,7 @@ def no_verdict_note(families: list[dict[str, Any]]) -> str | None:
     )
     if not reasons:
         return None
-    return "No verdict: " + "; ".join(reasons) + ". The numbers above are shown without one."
+    return "No verdict: " + "; ".join(reasons) + ". The numbers are shown without one."
 
 
 def results_table(
