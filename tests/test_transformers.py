@@ -366,6 +366,9 @@ def test_half_precision_losses_are_accepted(tmp_path: Path) -> None:
     table = trainer.sampler.losses
     for index, loss in _last_seen(trainer, len(data)).items():
         assert table[index].item() == loss
+    # Evaluation batches carry no draw record: the Trainer's own loss, no table update.
+    metrics = trainer.evaluate(eval_dataset=data[:16])
+    assert math.isfinite(metrics["eval_loss"]) and trainer.sampler.num_updates == 8
 
 
 def test_masked_lm_trains_on_per_sequence_token_losses(tmp_path: Path) -> None:
