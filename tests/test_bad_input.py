@@ -110,7 +110,10 @@ BAD_CALLS: list[tuple[str, Callable[[HardnessWeightedSampler], object], type, st
     ("short table", lambda s: s.load_state_dict(_corrupt(losses=torch.zeros(9))), ValueError, "9"),
     ("bad rng", lambda s: s.load_state_dict(_corrupt(rng={"state": 3})), ValueError, "rng"),
     ("version", lambda s: s.load_state_dict(_corrupt(version=99)), ValueError, "version"),
-    ("nan beta state", lambda s: s.load_state_dict(_corrupt(beta=float("nan"))), ValueError, "beta"),
+    ("nan beta state", lambda s: s.load_state_dict(_corrupt(fit=[float("nan"), 0.0])), ValueError, "fit"),
+    ("nan beta law", lambda s: s.load_state_dict(
+        _corrupt(law={"law": "kl", "beta": float("nan"), "radius": None, "exploration": 0.0})),
+     ValueError, "beta"),
     ("bad stamps", lambda s: s.load_state_dict(
         _corrupt(last_update=torch.full((10,), 5))), ValueError, "last_update"),
     ("not a mapping", lambda s: s.load_state_dict([1, 2]), TypeError, "mapping"),

@@ -9,25 +9,26 @@ import pytest
 import torch
 
 from torchdro import LossTable, TableSettings
+from torchdro.laws import KL, CVaR
 from torchdro.stream import Batch, EpochStream, InFlightBatches, StreamSettings
 
 from helpers import ALPHA, chi_square_pvalue, softmax
 
 
-def table(**options) -> LossTable:
-    settings = TableSettings(num_samples=options.pop("n", 6), **options)
+def table(beta: float = 0.0, **options) -> LossTable:
+    settings = TableSettings(num_samples=options.pop("n", 6), law=KL(beta=beta), **options)
     return LossTable(settings, init_loss=np.linspace(0.0, 1.0, settings.num_samples), seed=3)
 
 
 def test_table_settings_validate_and_are_frozen() -> None:
-    settings = TableSettings(num_samples=5, beta=1, clip_weights=[0.5, 2])
-    assert settings.beta == 1.0 and isinstance(settings.beta, float)
+    settings = TableSettings(num_samples=5, law=KL(beta=1), clip_weights=[0.5, 2])
+    assert settings.law.beta == 1.0 and isinstance(settings.law.beta, float)
     assert settings.clip_weights == (0.5, 2.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        settings.beta = 2.0  # type: ignore[misc]
+        settings.momentum = 0.5  # type: ignore[misc]
     for bad, error in [
         ({"num_samples": 0}, ValueError),
-        ({"num_samples": 5, "beta": -1}, ValueError),
+        ({"num_samples": 5, "law": "kl"}, TypeError),
         ({"num_samples": 5, "momentum": 1.0}, ValueError),
         ({"num_samples": 5, "nonfinite": "ignore"}, ValueError),
         ({"num_samples": 5, "max_loss": float("inf")}, ValueError),
@@ -54,8 +55,10 @@ def test_table_update_writes_and_configure_rebuilds() -> None:
     weights = t.update(torch.tensor([1, 4]), torch.tensor([3.0, 0.5]))
     assert t.losses[1] == 3.0 and t.losses[4] == 0.5 and t.num_updates == 1
     assert weights.mean() == pytest.approx(1.0)
-    t.configure(beta=4.0)
+    t.beta = 4.0
     assert torch.allclose(t.probabilities(), torch.softmax(4.0 * t.losses, 0))
+    t.configure(law=CVaR(alpha=0.5, exploration=0.0))
+    assert torch.equal(t.probabilities() > 0, t.losses > 0.5)  # the top half: 3.0, 1.0, 0.6
     with pytest.raises(AttributeError, match="cannot change"):
         t.configure(num_samples=3)
     with pytest.raises(ValueError, match="momentum"):

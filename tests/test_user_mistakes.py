@@ -62,7 +62,8 @@ def test_loading_a_checkpoint_with_other_settings_warns_and_lists_them() -> None
     with pytest.warns(UserWarning, match=r"batch_size 8 -> 4.*") as record:
         other.load_state_dict(saved.state_dict())
     message = str(record[0].message)
-    assert "beta 5.0 -> 2.0" in message and "importance_weights True -> False" in message
+    assert "law KL(beta=5.0" in message and "-> KL(beta=2.0" in message
+    assert "importance_weights True -> False" in message
     # The checkpoint won: the stream continues exactly as the saved sampler's.
     assert other.batch_size == 4 and other.beta == 2.0 and not other.importance_weights
     assert [list(b) for b in other] == [list(b) for b in saved]

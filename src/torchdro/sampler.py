@@ -27,6 +27,7 @@ from torchdro._validation import check_positive_int
 from torchdro._warnings import warn_user
 from torchdro.data import check_loader_wiring
 from torchdro.distributed import RankSync, default_sync
+from torchdro.laws import KL, Law
 from torchdro.records import DrawInfo, DrawnIndex, Indices, Values, as_batch
 from torchdro.stream import Batch, EpochStream, InFlightBatches, StreamSettings
 from torchdro.table import (
@@ -48,14 +49,14 @@ _STATE_KEYS_V1 = frozenset(
     {"version", "settings", "seed", "losses", "last_update", "num_updates", "epoch",
      "position", "in_epoch", "batches_drawn", "world_size", "pending", "rng"}
 )  # fmt: skip
-_STATE_KEYS = _STATE_KEYS_V1 | {"num_skipped", "calibrated"}
+_STATE_KEYS = _STATE_KEYS_V1 | {"num_skipped", "refitting", "fit"}
 _TABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(TableSettings))
 _STREAM_FIELDS = frozenset(f.name for f in dataclasses.fields(StreamSettings))
 _V1_SETTINGS = (_TABLE_FIELDS | _STREAM_FIELDS) - {"nonfinite", "max_loss"}
 #: Settings a checkpoint may leave as the constructor set them (``load_state_dict(keep=)``):
 #: they change how the stream continues but not its shape.
 KEEPABLE_SETTINGS = frozenset(
-    {"beta", "importance_weights", "clip_weights", "momentum", "min_ess_fraction",
+    {"law", "importance_weights", "clip_weights", "momentum", "min_ess_fraction",
      "nonfinite", "max_loss"}
 )  # fmt: skip
 
@@ -74,7 +75,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         beta: inverse temperature, in inverse loss units; 0 draws i.i.d. uniformly with
             replacement (ERM's objective, though not a per-epoch shuffle). What matters is
             beta * (spread of the losses): see ``docs/choosing-beta.md``. Pass ``None``
-            together with ``kl_radius`` to have it calibrated instead.
+            together with ``kl_radius`` to have it calibrated instead, or give ``law``.
         init_loss: the table's starting value, in loss units. A float (plus relative noise of
             1e-6 to break ties) or a vector of N values. Above the typical loss, so that
             unseen examples are drawn first.
@@ -95,11 +96,18 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             a uniform random order (ceil(N / batch_size) batches, the last one shorter if
             needed), with importance weights of 1: plain ERM that fills the table with real
             losses before hardness weighting starts.
-        kl_radius: the constrained form of KL-DRO. beta is recalibrated so that
-            KL(p || uniform) = kl_radius (nats) over the current table: when each epoch after
-            the warm-up starts, and every ``beta_update_interval`` updates if that is set.
-            Until the first calibration beta is 0. Scale-free, unlike beta.
-        beta_update_interval: updates between recalibrations in ``kl_radius`` mode.
+        kl_radius: the constrained form of KL-DRO, ``law=KL(radius=kl_radius)``. beta is
+            recalibrated so that KL(p || uniform) = kl_radius (nats) over the current table:
+            when each epoch after the warm-up starts, and every ``refit_interval`` updates if
+            that is set. Until the first calibration beta is 0. Scale-free, unlike beta.
+        law: instead of ``beta`` or ``kl_radius``, any member of the DRO family from
+            ``torchdro.laws``: ``KL(beta=...)``, ``KL(radius=...)``, ``CVaR(alpha=...)``,
+            ``ChiSquare(radius=...)`` or ``ChiSquare(penalty=...)``. A law whose worst case
+            depends on the whole table is refitted when each epoch after the warm-up starts
+            and every ``refit_interval`` updates; between refits the fit is frozen
+            (``docs/theory.md``, "The DRO family").
+        refit_interval: updates between refits of the law (KL radius, CVaR, chi-square).
+        beta_update_interval: the 0.1.0 name of ``refit_interval``.
         min_ess_fraction: when an epoch starts and every example has been observed, a
             ``SamplerCollapseWarning`` is issued if the effective sample size 1 / sum p^2 is
             below this fraction of N (0 disables it). See ``docs/choosing-beta.md``.
@@ -128,7 +136,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         num_samples: int,
         batch_size: int,
         *,
-        beta: float | None,
+        beta: float | None = None,
         init_loss: float | Values = 10.0,
         replacement: bool = True,
         momentum: float = 0.0,
@@ -139,6 +147,8 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         beta_schedule: Callable[[int], float] | None = None,
         warmup_epochs: int = 0,
         kl_radius: float | None = None,
+        law: Law | None = None,
+        refit_interval: int | None = None,
         beta_update_interval: int | None = None,
         min_ess_fraction: float = 0.1,
         nonfinite: NonFinitePolicy = "raise",
@@ -147,19 +157,29 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         process_group: Any = None,
         shared_table: bool = False,
     ) -> None:
-        if (beta is None) == (kl_radius is None):
-            raise TypeError("give exactly one of beta and kl_radius")
-        if kl_radius is not None and beta_schedule is not None:
-            raise TypeError("kl_radius sets beta itself; it cannot be combined with beta_schedule")
+        if sum(x is not None for x in (beta, kl_radius, law)) != 1:
+            raise TypeError("give exactly one of beta, kl_radius and law")
+        if law is None and beta is not None:
+            law = KL(beta=beta)
+        elif law is None:
+            try:
+                law = KL(radius=kl_radius)
+            except ValueError as error:  # name the argument as the caller wrote it
+                raise ValueError(str(error).replace("radius", "kl_radius", 1)) from None
+        if beta_schedule is not None and not (isinstance(law, KL) and law.beta is not None):
+            raise TypeError("beta_schedule needs a fixed beta (KL(beta=...)), not a radius or law")
+        if beta_update_interval is not None:
+            if refit_interval is not None:
+                raise TypeError("give refit_interval only (beta_update_interval is its old name)")
+            refit_interval = check_positive_int(beta_update_interval, "beta_update_interval")
         table_settings = TableSettings(
             num_samples=num_samples,
-            beta=0.0 if beta is None else beta,
-            kl_radius=kl_radius,
+            law=law,
             replacement=replacement,
             momentum=momentum,
             importance_weights=importance_weights,
             clip_weights=clip_weights,
-            beta_update_interval=beta_update_interval,
+            refit_interval=refit_interval,
             min_ess_fraction=min_ess_fraction,
             nonfinite=nonfinite,
             max_loss=max_loss,
@@ -186,7 +206,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             self._sync.check_same(self.table.losses.numpy(), "init_loss")
         self.stream = EpochStream(stream_settings, num_samples, seed)
         self.in_flight = InFlightBatches()
-        self._updates_at_epoch_start = 0
+        self._updates_at_epoch_start: int | None = 0
         self._warned_no_update = False
         self._warned_double_update = False
 
@@ -225,7 +245,8 @@ class HardnessWeightedSampler(Sampler[list[int]]):
 
     def _start_epoch(self) -> None:
         if (
-            self.stream.epoch >= 0
+            self._updates_at_epoch_start is not None
+            and self.stream.epoch >= 0
             and self.stream.batches_drawn > 0
             and self.table.num_updates == self._updates_at_epoch_start
             and not self._warned_no_update
@@ -243,8 +264,8 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         epoch = self.stream.epoch
         if self.beta_schedule is not None:
             self.table.beta = self.beta_schedule(epoch)
-        if self.table.settings.kl_radius is not None and not self.stream.warming_up:
-            self.table.calibrate_beta()
+        if self.table.law.needs_refit and not self.stream.warming_up:
+            self.table.refit()
         self.table.check_collapse(epoch)
 
     def _next_indices(self) -> tuple[np.ndarray, np.ndarray]:
@@ -374,8 +395,14 @@ class HardnessWeightedSampler(Sampler[list[int]]):
 
     @property
     def kl_radius(self) -> float | None:
-        """The KL radius in nats, or None when beta is set directly (read-only)."""
-        return self.table.settings.kl_radius
+        """The KL radius in nats, or None when the law is not ``KL(radius=...)`` (read-only)."""
+        law = self.table.law
+        return law.radius if isinstance(law, KL) else None
+
+    @property
+    def law(self) -> Law:
+        """The DRO law sampled from (read-only; ``beta`` has a setter for ``KL(beta=...)``)."""
+        return self.table.law
 
     @property
     def replacement(self) -> bool:
@@ -383,9 +410,9 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         return self.table.settings.replacement
 
     @property
-    def beta_update_interval(self) -> int | None:
-        """Updates between KL-radius recalibrations (read-only)."""
-        return self.table.settings.beta_update_interval
+    def refit_interval(self) -> int | None:
+        """Updates between refits of the law (read-only)."""
+        return self.table.settings.refit_interval
 
     @property
     def importance_weights(self) -> bool:
@@ -446,8 +473,6 @@ class HardnessWeightedSampler(Sampler[list[int]]):
 
         Called automatically in ``kl_radius`` mode (see the class docstring); returns beta.
         """
-        if self.kl_radius is None:
-            raise ValueError("calibrate_beta needs a sampler built with kl_radius")
         return self.table.calibrate_beta()
 
     # ------------------------------------------------------------------ inspection
@@ -522,11 +547,12 @@ class HardnessWeightedSampler(Sampler[list[int]]):
 
         The checkpoint's settings win, so that the stream continues exactly: each one that
         differs from this sampler's is listed in a ``UserWarning``. ``keep`` names settings
-        to leave as this sampler has them instead (any of ``KEEPABLE_SETTINGS``: beta,
-        importance_weights, clip_weights, momentum, min_ess_fraction, nonfinite, max_loss).
-        Reads version 1 (torchdro 0.1.0) and 2.
+        to leave as this sampler has them instead (any of ``KEEPABLE_SETTINGS``: law (or its
+        alias beta), importance_weights, clip_weights, momentum, min_ess_fraction, nonfinite,
+        max_loss); a kept law is refitted on the restored table. Reads version 1 (torchdro
+        0.1.0) and 2.
         """
-        keep = frozenset(keep)
+        keep = frozenset("law" if name == "beta" else name for name in keep)
         if keep - KEEPABLE_SETTINGS:
             raise ValueError(
                 f"keep may name only {', '.join(sorted(KEEPABLE_SETTINGS))}; "
@@ -535,7 +561,9 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         state = _upgrade(state)
         raw = dict(state["settings"])
         for name in keep:
-            raw[name] = getattr(self, name)
+            raw[name] = getattr(self.table.settings, name)
+        if "law" in keep and raw["law"] != state["settings"].get("law"):
+            state = {**state, "fit": None}  # the checkpoint's fit belongs to another law
         required = _V1_SETTINGS if state["version_read"] == 1 else _TABLE_FIELDS | _STREAM_FIELDS
         table_settings, stream_settings = _settings_from_state(raw, required)
         if table_settings.num_samples != self.num_samples:
@@ -564,8 +592,8 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             warnings.warn(
                 "load_state_dict: the checkpoint's settings replace this sampler's: "
                 + "; ".join(changed)
-                + ". Pass keep=(...) to keep beta, importance_weights, clip_weights, momentum, "
-                "min_ess_fraction, nonfinite or max_loss as constructed.",
+                + ". Pass keep=(...) to keep the law (beta), importance_weights, clip_weights, "
+                "momentum, min_ess_fraction, nonfinite or max_loss as constructed.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -573,7 +601,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         self.stream.settings = stream_settings
         self.stream.restore(stream_state, table_state.seed)
         self.in_flight.restore(replay)
-        self._updates_at_epoch_start = table_state.num_updates
+        self._updates_at_epoch_start = None  # the epoch before the checkpoint is not ours to judge
 
 
 def _check_fits(table: TableSettings, stream: StreamSettings, world_size: int) -> None:
@@ -600,16 +628,24 @@ def _upgrade(state: Mapping[str, Any]) -> Mapping[str, Any]:
     if not isinstance(state["settings"], Mapping):
         raise ValueError("state dict settings must be a mapping")
     if version == 1:
-        # 0.1.0 had no skip policy and recalibrated by radius from the first hard epoch on.
-        settings = state["settings"]
+        # 0.1.0: KL only (beta or kl_radius), no skip policy, recalibration by radius from the
+        # first hard epoch on.
+        settings = dict(state["settings"])
+        beta, radius = settings.pop("beta", None), settings.pop("kl_radius", None)
+        settings["refit_interval"] = settings.pop("beta_update_interval", None)
+        try:
+            settings["law"] = KL(radius=radius) if radius is not None else KL(beta=beta)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"state dict settings: {error}") from error
         epoch, warmup = state["epoch"], settings.get("warmup_epochs", 0)
-        calibrated = (
-            settings.get("kl_radius") is not None
+        refitting = (
+            radius is not None
             and isinstance(epoch, int)
             and isinstance(warmup, int)
             and epoch >= warmup
         )
-        state = {**state, "version": STATE_VERSION, "num_skipped": 0, "calibrated": calibrated}
+        state = {**state, "settings": settings, "num_skipped": 0, "refitting": refitting,
+                 "fit": [beta, 0.0]}  # fmt: skip
     return {**state, "version_read": version}
 
 
@@ -635,7 +671,7 @@ def _differences(mine: Any, theirs: Any, beta_moves: bool) -> list[str]:
         f"{field.name} {getattr(mine, field.name)!r} -> {getattr(theirs, field.name)!r}"
         for field in dataclasses.fields(mine)
         if getattr(mine, field.name) != getattr(theirs, field.name)
-        and not (field.name == "beta" and beta_moves)
+        and not (field.name == "law" and beta_moves)
     ]
 
 

@@ -1,10 +1,11 @@
 """The loss table: stale per-example losses, the law drawn from them, draws, writes, weights.
 
 ``LossTable`` owns everything that depends on the table of losses and nothing about epochs
-or batches: the table itself, the log-domain tree over beta * L, the generator, drawing,
-writing (with momentum), importance weights, beta and its calibration, and every inspection
-method. ``HardnessWeightedSampler`` composes it with a batch stream (``torchdro.stream``);
-the nnU-Net trainer, which draws in its own data loader, holds a table directly. See
+or batches: the table itself, the law (KL, CVaR or chi-square, ``torchdro.laws``) and its
+fit, the log-domain tree over the law's leaf logits, the generator, drawing, writing (with
+momentum), importance weights, beta and its calibration, and every inspection method.
+``HardnessWeightedSampler`` composes it with a batch stream (``torchdro.stream``); the
+nnU-Net trainer, which draws in its own data loader, holds a table directly. See
 ``docs/architecture.md``.
 """
 
@@ -35,7 +36,8 @@ from torchdro._validation import (
     to_numpy,
 )
 from torchdro._warnings import warn_user
-from torchdro.losses import beta_for_kl_radius, dro_loss
+from torchdro.laws import KL, ChiSquare, CVaR, Law, LawFit, law_from_state
+from torchdro.losses import dro_loss
 from torchdro.records import DrawInfo, Indices, Values, unpack
 from torchdro.tree import REMOVED, LogSumTree
 
@@ -56,21 +58,21 @@ class SamplerCollapseWarning(UserWarning):
 class TableSettings:
     """The table's validated settings; build a changed copy with ``dataclasses.replace``.
 
-    Fields (units): ``num_samples`` N; ``beta`` (inverse loss units, the current value);
-    ``kl_radius`` (nats, or None); ``replacement``; ``momentum`` in [0, 1);
-    ``importance_weights``; ``clip_weights`` (low, high) or None; ``beta_update_interval``
-    (updates, or None); ``min_ess_fraction`` in [0, 1]; ``nonfinite`` ("raise" or "skip");
-    ``max_loss`` (loss units, or None). Meanings: ``HardnessWeightedSampler``'s docstring.
+    Fields (units): ``num_samples`` N; ``law`` (a ``torchdro.laws.Law``: ``KL(beta=...)``,
+    ``KL(radius=...)``, ``CVaR(alpha=...)``, ``ChiSquare(...)``); ``replacement``;
+    ``momentum`` in [0, 1); ``importance_weights``; ``clip_weights`` (low, high) or None;
+    ``refit_interval`` (updates between refits of the law, or None); ``min_ess_fraction``
+    in [0, 1]; ``nonfinite`` ("raise" or "skip"); ``max_loss`` (loss units, or None).
+    Meanings: ``HardnessWeightedSampler``'s docstring.
     """
 
     num_samples: int
-    beta: float = 0.0
-    kl_radius: float | None = None
+    law: Law
     replacement: bool = True
     momentum: float = 0.0
     importance_weights: bool = False
     clip_weights: tuple[float, float] | None = None
-    beta_update_interval: int | None = None
+    refit_interval: int | None = None
     min_ess_fraction: float = 0.1
     nonfinite: NonFinitePolicy = "raise"
     max_loss: float | None = None
@@ -80,16 +82,16 @@ class TableSettings:
             object.__setattr__(self, name, value)
 
         put("num_samples", check_positive_int(self.num_samples, "num_samples"))
-        put("beta", check_beta(self.beta))
-        if self.kl_radius is not None:
-            put("kl_radius", check_beta(self.kl_radius, "kl_radius"))
+        if isinstance(self.law, Mapping):
+            put("law", law_from_state(self.law))
+        if not isinstance(self.law, Law):
+            raise TypeError(f"law must be a torchdro.laws.Law, got {type(self.law).__name__}")
         put("replacement", check_flag(self.replacement, "replacement"))
         put("momentum", check_momentum(self.momentum))
         put("importance_weights", check_flag(self.importance_weights, "importance_weights"))
         put("clip_weights", check_clip(self.clip_weights))
-        if self.beta_update_interval is not None:
-            interval = check_positive_int(self.beta_update_interval, "beta_update_interval")
-            put("beta_update_interval", interval)
+        if self.refit_interval is not None:
+            put("refit_interval", check_positive_int(self.refit_interval, "refit_interval"))
         put("min_ess_fraction", check_fraction(self.min_ess_fraction, "min_ess_fraction"))
         if self.nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
@@ -102,7 +104,8 @@ class TableSettings:
 
     def to_state(self) -> dict[str, Any]:
         """Plain values for a checkpoint."""
-        state = dataclasses.asdict(self)
+        state = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        state["law"] = self.law.state()
         if self.clip_weights is not None:
             state["clip_weights"] = list(self.clip_weights)
         return state
@@ -170,12 +173,13 @@ class LossTable:
         else:
             self._losses[:] = check_finite_vector(init_loss, n, "init_loss")
         self._last_update = np.full(n, -1, dtype=np.int64)
-        self._tree = LogSumTree(settings.beta * self._losses, fanout=_FANOUT, top_size=_TOP_SIZE)
+        self._fit = _initial_fit(settings.law, self._losses)
+        self._tree = LogSumTree(self._leaves(self._losses), fanout=_FANOUT, top_size=_TOP_SIZE)
         self._num_updates = 0
         self._num_skipped = 0
-        # kl_radius mode: beta follows the table every beta_update_interval updates once the
-        # first calibration has happened (the sampler calibrates when hardness starts).
-        self._calibrated = False
+        # The law is refitted every refit_interval updates once the first refit has happened
+        # (the sampler refits when hardness starts; until then a KL radius means beta = 0).
+        self._refitting = False
 
     # ------------------------------------------------------------------ settings
 
@@ -190,9 +194,9 @@ class LossTable:
         return self._settings.num_samples
 
     def configure(self, **changes: Any) -> None:
-        """Change settings that may change during training, validated: ``beta`` (rebuilds
-        the tree, O(N)), ``importance_weights``, ``clip_weights``, ``momentum``,
-        ``min_ess_fraction``, ``nonfinite``, ``max_loss``, ``beta_update_interval``."""
+        """Change settings that may change during training, validated: ``law`` (refits and
+        rebuilds the tree, O(N)), ``importance_weights``, ``clip_weights``, ``momentum``,
+        ``min_ess_fraction``, ``nonfinite``, ``max_loss``, ``refit_interval``."""
         fixed = sorted(set(changes) - _CHANGEABLE)
         if fixed:
             raise AttributeError(
@@ -200,30 +204,66 @@ class LossTable:
                 f"{', '.join(sorted(_CHANGEABLE))}"
             )
         new = dataclasses.replace(self._settings, **changes)
-        if new.beta != self._settings.beta:
-            self._tree.rebuild(new.beta * self._losses)
+        if new.law != self._settings.law:
+            fit = _initial_fit(new.law, self._losses)
+            if self._refitting or not _waits_for_first_refit(new.law):
+                fit = new.law.fit(self._losses)
+            self._settings = new
+            self._set_fit(fit)
         self._settings = new
 
     @property
+    def law(self) -> Law:
+        """The DRO law the table samples from (a frozen ``torchdro.laws.Law``)."""
+        return self._settings.law
+
+    @property
+    def fit(self) -> LawFit:
+        """The law's current fit (thresholds or beta), frozen between refits."""
+        return self._fit
+
+    @property
     def beta(self) -> float:
-        """Inverse temperature, in inverse loss units. Setting it rebuilds the tree, O(N)."""
-        return self._settings.beta
+        """KL only: the current inverse temperature, in inverse loss units (NaN for another
+        law). Setting it (KL with a fixed beta) rebuilds the tree, O(N)."""
+        if not isinstance(self.law, KL):
+            return math.nan
+        return self._fit.params[0]
 
     @beta.setter
     def beta(self, value: float) -> None:
-        self.configure(beta=value)
+        law = self.law
+        if not isinstance(law, KL):
+            raise TypeError(f"beta applies to the KL law; this table samples {law!r}")
+        beta = check_beta(value)
+        if law.radius is not None:  # a calibrated value, until the next calibration
+            self._set_fit(LawFit((beta,), 0.0))
+        else:
+            self.configure(law=dataclasses.replace(law, beta=beta))
+
+    def refit(self) -> LawFit:
+        """Recompute the law's fit (KL radius: beta; CVaR / chi-square: thresholds) from the
+        whole table, O(N) to O(N log N), and rebuild the tree. From the first call on, the
+        law is also refitted every ``refit_interval`` updates when that is set."""
+        self._set_fit(self.law.fit(self._losses))
+        self._refitting = True
+        return self._fit
 
     def calibrate_beta(self) -> float:
-        """Set beta so that KL(p || uniform) = ``kl_radius`` over the current table. O(N log).
+        """KL radius: set beta so that KL(p || uniform) = radius over the current table
+        (``refit`` for that law); returns beta."""
+        law = self.law
+        if not isinstance(law, KL) or law.radius is None:
+            raise ValueError("calibrate_beta needs a table whose law is KL(radius=...)")
+        return self.refit().params[0]
 
-        From the first call on, beta is also recalibrated every ``beta_update_interval``
-        updates when that is set. Returns beta.
-        """
-        if self._settings.kl_radius is None:
-            raise ValueError("calibrate_beta needs a table built with kl_radius")
-        self.beta = beta_for_kl_radius(self._losses, self._settings.kl_radius)
-        self._calibrated = True
-        return self.beta
+    def _set_fit(self, fit: LawFit) -> None:
+        self._fit = fit
+        self._tree.rebuild(self._leaves(self._losses))
+
+    def _leaves(self, losses: np.ndarray) -> np.ndarray:
+        """The tree's leaf logits for examples with these losses, under the frozen fit."""
+        return _leaf_logits(self._settings.law, self._fit, losses, self.num_samples)
 
     # ------------------------------------------------------------------ drawing
 
@@ -248,7 +288,7 @@ class LossTable:
     def refresh(self) -> None:
         """Rebuild the tree from the table, O(N): for a process that shares the table
         (``shared=True``) but not the tree, such as a forked data-loading worker."""
-        self._tree.rebuild(self.beta * self._losses)
+        self._tree.rebuild(self._leaves(self._losses))
 
     def reseed(self, *entropy: int) -> None:
         """Give this copy of the table its own generator, e.g. one per worker process."""
@@ -279,7 +319,7 @@ class LossTable:
                 removed = np.concatenate(found)
                 self._tree.set(fresh, np.full(fresh.size, REMOVED))
         finally:
-            self._tree.set(removed, self.beta * self._losses[removed])
+            self._tree.set(removed, self._leaves(self._losses[removed]))
         return np.concatenate(found), log_total
 
     # ------------------------------------------------------------------ updates
@@ -351,22 +391,33 @@ class LossTable:
         Entries whose loss is not finite get weight 0."""
         finite = np.isfinite(update.losses)
         weights: np.ndarray = finite.astype(np.float64)
-        if not self._settings.importance_weights or not finite.any():
+        law = self._settings.law
+        if self._settings.importance_weights:
+            target = update.losses  # the fresh losses: corrects staleness and exploration
+        elif law.exploration > 0.0:
+            target = self._losses[update.indices]  # the stale ones: corrects exploration only
+        else:
             return weights
-        # log r = beta * l - log p_drawn; the normalisers cancel in the self-normalisation.
+        if not finite.any():
+            return weights
+        # log r = log q~(l) - log p_drawn; the normalisers cancel in the self-normalisation.
         drawn: np.ndarray = (
             self._tree.leaf_logits(update.indices) if update.drawn is None else update.drawn
         )
         hard = finite & ~np.isnan(drawn)  # NaN: a uniform warm-up draw, which keeps weight 1
         if hard.any():
-            weights[hard] = _self_normalised(self.beta * update.losses[hard] - drawn[hard])
+            log_ratio = law.log_target(target[hard], self._fit) - drawn[hard]
+            if np.isneginf(log_ratio).all():
+                weights[hard] = 0.0  # every draw outside the support: a zero step
+            else:
+                weights[hard] = _self_normalised(log_ratio)
             if self._settings.clip_weights is not None:
-                np.clip(weights, *self._settings.clip_weights, out=weights, where=finite)
+                np.clip(weights, *self._settings.clip_weights, out=weights, where=hard)
         return weights
 
     def apply(self, indices: np.ndarray, losses: np.ndarray) -> None:
         """Write checked losses (repeats applied in order; non-finite entries skipped and
-        counted), then recalibrate beta if ``kl_radius`` and ``beta_update_interval`` say so."""
+        counted), then refit the law if ``refit_interval`` says so."""
         finite = np.isfinite(losses)
         if not finite.all():
             self._num_skipped += int((~finite).sum())
@@ -374,11 +425,11 @@ class LossTable:
         self._write(indices, losses)
         settings = self._settings
         if (
-            self._calibrated
-            and settings.beta_update_interval is not None
-            and self._num_updates % settings.beta_update_interval == 0
+            self._refitting
+            and settings.refit_interval is not None
+            and self._num_updates % settings.refit_interval == 0
         ):
-            self.calibrate_beta()
+            self.refit()
 
     def _write(self, indices: np.ndarray, losses: np.ndarray) -> None:
         if indices.size == 0:
@@ -393,7 +444,7 @@ class LossTable:
             unique, values = self._ema(indices, losses)
         self._losses[unique] = values
         self._last_update[unique] = step
-        self._tree.set(unique, self.beta * values)
+        self._tree.set(unique, self._leaves(values))
 
     def _ema(self, indices: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Occurrences of a repeated index are folded in order, one round per repetition.
@@ -478,8 +529,9 @@ class LossTable:
 
         Keys: ``entropy`` (nats), ``effective_sample_size`` (1 / sum p^2, in examples),
         ``max_probability``, ``kl_to_uniform`` (nats), ``coverage`` (fraction of examples
-        observed at least once), ``dro_loss`` (the table's KL-DRO loss, loss units),
-        ``mean_loss`` (loss units), ``beta``, ``num_updates``, ``staleness_mean`` and
+        observed at least once), ``dro_loss`` (the table's DRO loss under the law, loss
+        units: for KL the penalised value at the current beta), ``mean_loss`` (loss units),
+        ``beta`` (KL only), ``num_updates``, ``staleness_mean`` and
         ``staleness_max`` (updates since an observed example was last written),
         ``skipped_nonfinite`` (losses skipped under ``nonfinite='skip'``).
         """
@@ -488,20 +540,26 @@ class LossTable:
         entropy = float(-(p * log_p).sum())
         table = torch.from_numpy(self._losses)
         staleness_mean, staleness_max = self.staleness()
-        return {
+        if isinstance(self.law, KL):
+            value = float(dro_loss(table, self.beta))
+        else:
+            value = self.law.loss(self._losses)
+        stats = {
             "entropy": entropy,
             "effective_sample_size": _effective_sample_size(log_p),
             "max_probability": float(p.max()),
             "kl_to_uniform": max(0.0, math.log(self.num_samples) - entropy),
             "coverage": self.coverage,
-            "dro_loss": float(dro_loss(table, self.beta)),
+            "dro_loss": value,
             "mean_loss": float(table.mean()),
-            "beta": self.beta,
             "num_updates": float(self._num_updates),
             "staleness_mean": staleness_mean,
             "staleness_max": float(staleness_max),
             "skipped_nonfinite": float(self._num_skipped),
         }
+        if isinstance(self.law, KL):
+            stats["beta"] = self.beta
+        return stats
 
     def check_collapse(self, epoch: int) -> None:
         """Warn (``SamplerCollapseWarning``) if the effective sample size is below
@@ -512,11 +570,14 @@ class LossTable:
         if fraction <= 0.0 or (self._last_update < 0).any():
             return
         ess = self.effective_sample_size()
-        if ess < fraction * self.num_samples:
+        # CVaR and a chi-square ball concentrate by design: compare with their nominal size.
+        nominal = _nominal_share(self.law) * self.num_samples
+        if ess < fraction * nominal:
             warn_user(
                 f"epoch {epoch}: the effective sample size is {ess:.1f} examples, below "
-                f"{fraction:g} of N = {self.num_samples}: training concentrates on a handful "
-                "of examples. Lower beta (or kl_radius); see docs/choosing-beta.md.",
+                f"{fraction:g} of the law's nominal {nominal:.0f} (N = {self.num_samples}): "
+                "training concentrates on a handful of examples. Lower beta (or the radius); "
+                "see docs/choosing-beta.md.",
                 SamplerCollapseWarning,
             )
 
@@ -536,7 +597,8 @@ class LossTable:
             "last_update": torch.from_numpy(self._last_update.copy()),
             "num_updates": self._num_updates,
             "num_skipped": self._num_skipped,
-            "calibrated": self._calibrated,
+            "refitting": self._refitting,
+            "fit": [*self._fit.params, self._fit.log_norm],
             "rng": self._rng.bit_generator.state,
         }
 
@@ -558,17 +620,24 @@ class LossTable:
         ):
             raise ValueError("state dict last_update must be N integers in [-1, num_updates)")
         num_skipped = check_count(state["num_skipped"], "state dict num_skipped")
-        calibrated = state["calibrated"]
-        if not isinstance(calibrated, bool):
-            raise ValueError(f"state dict calibrated must be a bool, got {calibrated!r}")
+        refitting = state["refitting"]
+        if not isinstance(refitting, bool):
+            raise ValueError(f"state dict refitting must be a bool, got {refitting!r}")
+        if state["fit"] is None:  # a law kept from the constructor: fit it to this table
+            fit = settings.law.fit(losses)
+            if not refitting and _waits_for_first_refit(settings.law):
+                fit = _initial_fit(settings.law, losses)
+        else:
+            fit = _check_fit(state["fit"], settings.law)
         rng = np.random.Generator(np.random.PCG64())
         try:
             rng.bit_generator.state = dict(state["rng"])
         except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"state dict rng is not a PCG64 state: {error}") from error
-        tree = LogSumTree(settings.beta * losses, fanout=_FANOUT, top_size=_TOP_SIZE)
+        leaves = _leaf_logits(settings.law, fit, losses, n)
+        tree = LogSumTree(leaves, fanout=_FANOUT, top_size=_TOP_SIZE)
         return _TableState(settings, seed, losses, last_update.astype(np.int64), num_updates,
-                           num_skipped, calibrated, rng, tree)  # fmt: skip
+                           num_skipped, refitting, fit, rng, tree)  # fmt: skip
 
     def restore(self, checked: _TableState) -> None:
         """Adopt a state from ``check_state``; cannot fail."""
@@ -578,7 +647,8 @@ class LossTable:
         self._last_update = checked.last_update
         self._num_updates = checked.num_updates
         self._num_skipped = checked.num_skipped
-        self._calibrated = checked.calibrated
+        self._refitting = checked.refitting
+        self._fit = checked.fit
         self._rng = checked.rng
         self._tree = checked.tree
 
@@ -590,15 +660,60 @@ class _TableState(NamedTuple):
     last_update: np.ndarray
     num_updates: int
     num_skipped: int
-    calibrated: bool
+    refitting: bool
+    fit: LawFit
     rng: np.random.Generator
     tree: LogSumTree
 
 
 _CHANGEABLE = frozenset(
-    {"beta", "importance_weights", "clip_weights", "momentum", "min_ess_fraction",
-     "nonfinite", "max_loss", "beta_update_interval"}
+    {"law", "importance_weights", "clip_weights", "momentum", "min_ess_fraction",
+     "nonfinite", "max_loss", "refit_interval"}
 )  # fmt: skip
+
+
+def _waits_for_first_refit(law: Law) -> bool:
+    # A KL radius means beta = 0 until the sampler first calibrates (after the warm-up).
+    return isinstance(law, KL) and law.radius is not None
+
+
+def _initial_fit(law: Law, losses: np.ndarray) -> LawFit:
+    if _waits_for_first_refit(law):
+        return LawFit((0.0,), math.log(losses.size))
+    return law.fit(losses)
+
+
+def _leaf_logits(law: Law, fit: LawFit, losses: np.ndarray, num_samples: int) -> np.ndarray:
+    if law.exploration == 0.0:
+        # The target itself: for KL exactly beta * L (constants do not change the law).
+        logits = law.log_target(losses, fit)
+        if not isinstance(law, KL):
+            np.maximum(logits, REMOVED, out=logits)  # no mass: a finite log(0)
+        return logits
+    return law.leaf_logits(losses, fit, num_samples)
+
+
+def _check_fit(raw: Any, law: Law) -> LawFit:
+    """A checkpoint's fit for ``law``: the frozen parameters the stream continues with."""
+    if not isinstance(raw, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw
+    ):
+        raise ValueError(f"state dict fit must be a list of numbers, got {raw!r}")
+    size = 1 if isinstance(law, KL) else 3  # KL: (beta,); CVaR, chi-square: three numbers
+    if len(raw) != size + 1 or any(math.isnan(v) for v in raw):
+        raise ValueError(f"state dict fit has {len(raw)} numbers, {law!r} needs {size + 1}")
+    return LawFit(tuple(float(v) for v in raw[:-1]), float(raw[-1]))
+
+
+def _nominal_share(law: Law) -> float:
+    """The fraction of N the law's own effective sample size is by design (1 for KL beta)."""
+    if isinstance(law, CVaR):
+        return law.alpha
+    if isinstance(law, ChiSquare) and law.radius is not None:
+        return 1.0 / (1.0 + 2.0 * law.radius)
+    if isinstance(law, KL) and law.radius is not None:
+        return math.exp(-law.radius)
+    return 1.0
 
 
 def as_weight_tensor(weights: np.ndarray, like: Values) -> torch.Tensor:
