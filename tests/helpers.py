@@ -2,7 +2,7 @@
 
 Every chi-square test here rejects at ALPHA = 1e-4 with a fixed seed. For a correct
 implementation, the chance that a given seed fails one test is at most 1e-4, so the whole
-suite (fewer than 40 such tests) fails falsely with probability below 0.4% per seed choice;
+suite (fewer than 60 such tests) fails falsely with probability below 0.6% per seed choice;
 the seeds are fixed, so a run is reproducible. The ``*_has_power`` tests show that the same
 statistics do reject a slightly wrong distribution.
 """

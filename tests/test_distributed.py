@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchdro import HardnessWeightedSampler, IndexedDataset
+from torchdro import KL, ChiSquare, CVaR, HardnessWeightedSampler, IndexedDataset
 from torchdro.distributed import UpdateFailedOnAnotherRank
 
 from helpers import ALPHA, chi_square_pvalue, endless_batches, softmax
@@ -149,7 +149,35 @@ def train_small_model(batch: int, rank: int | None) -> list[float]:
     return trajectory
 
 
+FAMILY = {
+    "kl-radius": KL(radius=0.3),
+    "cvar": CVaR(alpha=0.25),
+    "chi2-radius": ChiSquare(radius=0.5),
+    "chi2-penalty": ChiSquare(penalty=0.2),
+}
+
+
+def run_family(law, batch: int, steps: int = 16) -> tuple[list[list[int]], list[str], list]:
+    """Draw/update steps with a law refitted every 3 updates: batches, hashes and fits."""
+    sampler = HardnessWeightedSampler(
+        N, batch, law=law, seed=4, importance_weights=True, init_loss=INIT, refit_interval=3
+    )
+    batches, hashes, fits = [], [], []
+    for step, drawn in zip(range(steps), endless_batches(sampler), strict=False):
+        sampler.update(drawn, loss_of(torch.tensor(drawn), step))
+        batches.append(list(drawn))
+        hashes.append(table_hash(sampler))
+        fits.append(sampler.table.fit)
+    return batches, hashes, fits
+
+
+def scenario_family(rank: int, tmp: Path) -> dict:
+    """Every law of the DRO family: the ranks' tables and fits after every step."""
+    return {name: run_family(law, B) for name, law in FAMILY.items()}
+
+
 SCENARIOS: dict[str, Callable[[int, Path], dict]] = {
+    "family": scenario_family,
     "stream": scenario_stream,
     "law": scenario_law,
     "loader": scenario_loader,
@@ -230,6 +258,16 @@ def test_ddp_model_matches_single_process_with_the_global_batch(tmp_path: Path) 
     # agree far inside 1e-9.
     np.testing.assert_allclose(ranks[0]["trajectory"], ranks[1]["trajectory"], rtol=0, atol=0)
     np.testing.assert_allclose(ranks[0]["trajectory"], single, rtol=1e-9)
+
+
+def test_every_law_keeps_replicas_identical(tmp_path: Path) -> None:
+    first, second = run_ranks("family", tmp_path)
+    for name, law in FAMILY.items():
+        batches, hashes, fits = run_family(law, B * WORLD)  # one process, the global batch
+        assert first[name][1] == second[name][1] == hashes, name
+        assert first[name][2] == second[name][2] == fits, name
+        for step, batch in enumerate(batches):
+            assert first[name][0][step] + second[name][0][step] == batch, name
 
 
 def test_single_process_is_unaffected() -> None:

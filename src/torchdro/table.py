@@ -598,7 +598,7 @@ class LossTable:
             "num_updates": self._num_updates,
             "num_skipped": self._num_skipped,
             "refitting": self._refitting,
-            "fit": [*self._fit.params, self._fit.log_norm],
+            "fit": [float(v) for v in (*self._fit.params, self._fit.log_norm)],
             "rng": self._rng.bit_generator.state,
         }
 
