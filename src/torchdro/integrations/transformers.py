@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerState
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from transformers.utils import is_datasets_available
+from transformers.utils.import_utils import is_datasets_available
 
 from torchdro.data import IndexedDataset
 from torchdro.sampler import DrawInfo, HardnessWeightedSampler
@@ -248,7 +248,7 @@ class HardnessWeightedTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
 
-    def get_train_dataloader(self) -> DataLoader:
+    def get_train_dataloader(self) -> DataLoader[Any]:
         """The training DataLoader: the sampler as batch sampler, draw records collated."""
         if self.train_dataset is None:
             raise ValueError("HardnessWeightedTrainer needs a train_dataset")
@@ -274,11 +274,11 @@ class HardnessWeightedTrainer(Trainer):
             prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
             multiprocessing_context=args.dataloader_multiprocessing_context if workers else None,
         )
-        prepared = self.accelerator.prepare(loader)
+        prepared: DataLoader[Any] = self.accelerator.prepare(loader)
         # With several processes accelerate wraps the batch sampler in a BatchSamplerShard,
         # which would deal out whole batches round-robin. The sampler already gives every
         # rank its slice of one global batch: make the wrapper a pass-through.
-        shard = getattr(prepared, "batch_sampler", None)
+        shard: Any = getattr(prepared, "batch_sampler", None)
         if shard is not self._batches and getattr(shard, "batch_sampler", None) is self._batches:
             shard.num_processes, shard.process_index = 1, 0
         return prepared
@@ -353,7 +353,7 @@ class HardnessWeightedTrainer(Trainer):
     ) -> Any:
         """``Trainer.train``; on resume the sampler continues the checkpoint's exact stream."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint found in {self.args.output_dir}")
         if resume_from_checkpoint:
