@@ -61,7 +61,8 @@ def _cumulate(rows: np.ndarray, shift: np.ndarray | None = None) -> tuple[np.nda
 def _choose(cum: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """Per row of ``cum`` (cumulative masses, shape (B, fanout)), the first column whose
     cumulative mass exceeds ``uniforms * total``: a child with mass, as ``uniforms < 1``."""
-    return (cum > (uniforms * cum[:, -1])[:, None]).argmax(axis=1)
+    chosen: np.ndarray = (cum > (uniforms * cum[:, -1])[:, None]).argmax(axis=1)
+    return chosen
 
 
 class LogSumTree:
