@@ -319,7 +319,8 @@ def test_core_imports_no_optional_framework() -> None:
     code = (
         "import sys, torchdro\n"
         "heavy = {'lightning', 'monai', 'ignite', 'sklearn', 'matplotlib', 'tensorboard',"
-        " 'torchdata', 'torchdro.integrations', 'torchdro.experiments'}\n"
+        " 'torchdata', 'transformers', 'accelerate', 'scipy', 'torchdro.integrations',"
+        " 'torchdro.experiments'}\n"
         "print(sorted(heavy & set(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

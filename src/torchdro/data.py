@@ -81,7 +81,7 @@ _NOT_INDEXED = (
 )
 
 
-def check_loader_wiring(frame: FrameType | None) -> None:
+def check_loader_wiring(frame: FrameType | None, sampler: object) -> None:
     """Catch a sampler wired into a DataLoader the wrong way, from the frame iterating it.
 
     ``sampler=`` instead of ``batch_sampler=`` would silently yield batches of shape
@@ -95,7 +95,9 @@ def check_loader_wiring(frame: FrameType | None) -> None:
         if frame is None:
             return
         owner = frame.f_locals.get("self")
-        if isinstance(owner, BatchSampler):
+        # torch's BatchSampler(sampler=...) holds it as .sampler; wrappers of a batch sampler
+        # (accelerate's BatchSamplerShard, SkipBatchSampler) hold it as .batch_sampler.
+        if isinstance(owner, BatchSampler) and getattr(owner, "sampler", None) is sampler:
             raise TypeError(_AS_SAMPLER_LOADER)
         if isinstance(owner, _BaseDataLoaderIter):
             dataset = getattr(owner, "_dataset", None)

@@ -221,7 +221,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         return self.stream.settings.batch_size * self.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        check_loader_wiring(sys._getframe(1))
+        check_loader_wiring(sys._getframe(1), self)
         # A checkpoint's in-flight batches finish the interrupted epoch before anything new.
         if not self.stream.in_epoch and not self.in_flight.has_replay:
             self._start_epoch()
