@@ -31,8 +31,12 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import (
     NonDetMultiThreadedAugmenter,
 )
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+try:
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+except ImportError as error:  # nnU-Net < 2.6 had one loader class per dimension
+    raise ImportError("torchdro's nnU-Net trainer needs nnunetv2 >= 2.6") from error
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from torchdro.integrations.nnunet_env import TRAINER_FOLDER
@@ -252,10 +256,10 @@ class nnUNetTrainerDRO(nnUNetTrainer):
 
     def __init__(
         self,
-        plans: dict,
+        plans: dict[str, Any],
         configuration: str,
         fold: int,
-        dataset_json: dict,
+        dataset_json: dict[str, Any],
         device: torch.device = _CUDA,
     ) -> None:
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -354,7 +358,7 @@ class nnUNetTrainerDRO(nnUNetTrainer):
             self._batch["torchdro_index"], per_case, self._batch["torchdro_log_prob"]
         )
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         self._batch = batch
         result = super().train_step(batch)
         assert self.table is not None and isinstance(self.loss, _PerCaseLoss)
@@ -398,7 +402,7 @@ class nnUNetTrainerDRO(nnUNetTrainer):
             }
             torch.save(state, filename + SIDECAR_SUFFIX)
 
-    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+    def load_checkpoint(self, filename_or_checkpoint: dict[str, Any] | str) -> None:
         super().load_checkpoint(filename_or_checkpoint)
         if isinstance(filename_or_checkpoint, str):
             path = Path(filename_or_checkpoint + SIDECAR_SUFFIX)
