@@ -1,6 +1,6 @@
 # Two entry points, each doing all of its own set-up on a fresh machine:
-#   make run    install, then run the main job (the digits ERM-vs-DRO study)
-#   make test   install, then run ruff and the whole test suite (nnU-Net included)
+#   make run    install, then run the main job (the pre-registered digits study)
+#   make test   install, then run ruff, mypy and the whole test suite (nnU-Net included)
 # Also: make seg3d (the 3D segmentation study, ~9 min), make bench (sampler speed).
 # pip and venvs only: uv and poetry would skip the local torch wheels and download gigabytes.
 # Two venvs: the studies run on the CPU build of torch 2.13; the tests also cover nnU-Net v2,
@@ -11,11 +11,14 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TEST_VENV ?= .venv-test
 TEST_TORCH ?= torch==2.14.1 torchvision==0.29.1
+BENCH_VENV ?= .venv-bench
 
 PY := $(VENV)/bin/python
 TEST_PY := $(TEST_VENV)/bin/python
 STAMP := $(VENV)/.torchdro-installed
 TEST_STAMP := $(TEST_VENV)/.torchdro-installed
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.torchdro-installed
 
 .PHONY: install run test bench seg3d clean
 
@@ -23,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[experiments,seg3d,bench]"
+	$(PY) -m pip install --quiet -e ".[experiments,seg3d]"
 	touch $(STAMP)
 
 $(TEST_STAMP): pyproject.toml
@@ -41,21 +44,24 @@ run: $(STAMP)
 seg3d: $(STAMP)
 	$(VENV)/bin/torchdro experiment seg3d --out results/seg3d
 
-bench: $(STAMP)
-	@# torchrl's C++ extension loads only against the torch it was built for (2.14), so the
-	@# side-by-side runs in its own venv; the .gitignore inside keeps it out of git.
-	test -f .venv-bench/.torchdro-installed || { $(PYTHON) -m venv .venv-bench \
-		&& echo '*' > .venv-bench/.gitignore \
-		&& .venv-bench/bin/python -m pip install --quiet --upgrade pip \
-		&& .venv-bench/bin/python -m pip install --quiet torch==2.14.1 \
-		&& .venv-bench/bin/python -m pip install --quiet -e ".[bench]" torchrl==0.14.1 tensordict==0.14.3 \
-		&& touch .venv-bench/.torchdro-installed; }
-	.venv-bench/bin/python -m benchmarks.bench_sampler --out results/benchmark.json
+# torchrl's C++ extension loads only against the torch it was built for (2.14), so the
+# side-by-side benchmark runs in its own venv; the .gitignore inside keeps it out of git.
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	echo '*' > $(BENCH_VENV)/.gitignore
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+	$(BENCH_PY) -m pip install --quiet torch==2.14.1
+	$(BENCH_PY) -m pip install --quiet -e ".[bench]" torchrl==0.14.1 tensordict==0.14.3
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_PY) -m benchmarks.bench_sampler --out results/benchmark.json
 
 test: $(TEST_STAMP)
 	$(TEST_PY) -m ruff check src tests benchmarks examples
 	$(TEST_PY) -m ruff format --check src tests benchmarks examples
+	$(TEST_PY) -m mypy
 	$(TEST_PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(TEST_VENV) results .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(TEST_VENV) $(BENCH_VENV) results .pytest_cache .ruff_cache .hypothesis

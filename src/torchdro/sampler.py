@@ -340,6 +340,24 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         """
         return self.table.weights(indices, losses, drawn_log_probs)
 
+    @property
+    def batches_consumed(self) -> int:
+        """Batches of the current epoch yielded and already updated; 0 between epochs.
+
+        After ``load_state_dict`` this is how many batches of the interrupted epoch a
+        framework that counts steps (Lightning, the Hugging Face ``Trainer``) has done.
+        """
+        in_flight = self.in_flight.count
+        if not (self.stream.in_epoch or in_flight):
+            return 0
+        return self.stream.position - in_flight
+
+    def discard_in_flight(self) -> int:
+        """Forget the batches yielded but not updated, so that a checkpoint does not replay
+        them: for a loop that abandons its DataLoader iterator mid-epoch on purpose (e.g.
+        Lightning's ``limit_train_batches``). Returns how many were dropped."""
+        return self.in_flight.discard()
+
     # ------------------------------------------------------------------ settings
 
     @property

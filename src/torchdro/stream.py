@@ -174,6 +174,18 @@ class InFlightBatches:
         while len(self._pending) > _MAX_PENDING:
             self._pending.popitem(last=False)
 
+    @property
+    def count(self) -> int:
+        """Batches in flight: yielded and not yet updated, or waiting to be replayed."""
+        return len(self._pending.keys() | self._replay.keys())
+
+    def discard(self) -> int:
+        """Forget every batch in flight (their iterator was abandoned); returns how many."""
+        count = self.count
+        self._pending.clear()
+        self._replay.clear()
+        return count
+
     def clear_pending(self) -> None:
         """Forget in-flight batches (a finished epoch's batches were all consumed)."""
         self._pending.clear()

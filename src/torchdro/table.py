@@ -44,7 +44,7 @@ from torchdro.tree import REMOVED, LogSumTree
 __all__ = ["LossTable", "SamplerCollapseWarning", "TableSettings"]
 
 _INIT_NOISE = 1e-6  # relative size of the tie-breaking noise added to a constant init_loss
-_FANOUT = 32
+_FANOUT = 8  # see docs/benchmarks.md: fewer exponentials per draw
 _TOP_SIZE = 1024
 
 NonFinitePolicy = Literal["raise", "skip"]

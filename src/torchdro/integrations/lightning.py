@@ -211,10 +211,7 @@ class HardnessWeightedSampling(Callback):
         # are never trained on; a checkpoint must not replay them on resume, or the resumed
         # run would train on batches the uninterrupted one never saw.
         assert self.sampler is not None
-        state = self.sampler.state_dict()
-        if state["pending"]:
-            state["pending"] = []
-            self.sampler.load_state_dict(state)
+        self.sampler.discard_in_flight()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.log_stats and self.sampler is not None:

@@ -373,9 +373,7 @@ class HardnessWeightedTrainer(Trainer):
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.sampler.load_state_dict(state)
-        # Batches of the current epoch already trained on: drawn, and no longer in flight.
-        in_flight = len(state["pending"])
-        consumed = state["position"] - in_flight if (state["in_epoch"] or in_flight) else 0
+        consumed = self.sampler.batches_consumed  # of the interrupted epoch
         if consumed and self.args.ignore_data_skip:
             raise ValueError(
                 "ignore_data_skip=True cannot resume mid-epoch with the sampler: its state "
