@@ -265,7 +265,11 @@ class KL(Law):
 
     def fit(self, losses: np.ndarray) -> LawFit:
         table = _check_table(losses)
-        beta = self.beta if self.beta is not None else beta_for_kl_radius(table, self.radius)
+        if self.beta is not None:
+            beta = self.beta
+        else:
+            assert self.radius is not None  # one of the two, checked at construction
+            beta = beta_for_kl_radius(table, self.radius)
         return LawFit((beta,), _log_sum_exp(beta * table))
 
     def log_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
@@ -416,6 +420,7 @@ class ChiSquare(Law):
         """(lambda, eta − shift) making D(q || u) = radius, or the slack / ERM ends."""
         n = x.size
         rho = self.radius
+        assert rho is not None  # the constrained form
         ties = int(np.count_nonzero(x == 0.0))
         if rho == 0.0 or ties == n:
             return math.inf, -math.inf  # uniform
@@ -464,7 +469,8 @@ class ChiSquare(Law):
         np.maximum(out, 0.0, out=out)
         out *= (1.0 - eps) * math.exp(-fit.log_norm)
         out += eps / num_samples
-        return np.log(out, out=out)
+        logits: np.ndarray = np.log(out, out=out)
+        return logits
 
     def _value(self, table: np.ndarray, q: np.ndarray, fit: LawFit) -> float:
         shift = fit.params[0]

@@ -157,7 +157,7 @@ def summarise(values: np.ndarray) -> dict[str, float]:
 
 
 def _unet() -> torch.nn.Module:
-    from monai.networks.nets import UNet
+    from monai.networks.nets.unet import UNet
 
     return UNet(
         spatial_dims=3, in_channels=1, out_channels=len(STRUCTURES) + 1,

@@ -92,7 +92,7 @@ class HardnessWeightedSamplingHandler:
         self._losses = None
 
     def _update(self, engine: Engine) -> None:
-        if self._losses is None:
+        if self._losses is None or self._draw is None:
             raise RuntimeError("use handler.loss(...) as the trainer's loss_function")
         self.sampler.update(self._draw, self._losses)
 
