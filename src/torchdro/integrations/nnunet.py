@@ -131,6 +131,11 @@ class HardnessWeightedDataLoader(nnUNetDataLoader):
                 f"the table has {table.num_samples} entries but the loader "
                 f"{len(self.indices)} cases"
             )
+        if not table.settings.replacement and self.batch_size > table.num_samples:
+            raise ValueError(
+                f"batch size {self.batch_size} exceeds the {table.num_samples} training cases, "
+                "which drawing without replacement (TORCHDRO_REPLACEMENT=0) cannot serve"
+            )
         self.table = table
         self._pid = os.getpid()  # the process that built the loader and writes the table
         self._forked = False
