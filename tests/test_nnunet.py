@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import os
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from torchdro.cli import main as cli_main  # noqa: E402
 from torchdro.experiments.seg3d import make_case  # noqa: E402
 from torchdro.integrations.nnunet import (  # noqa: E402
     DROSettings,
+    HardnessWeightedDataLoader,
     _read_sidecar,
     nnUNetTrainerDRO,
 )
@@ -67,8 +71,27 @@ def _sidecar(results: Path) -> dict:
     return torch.load(fold / "checkpoint_final.pth.torchdro", weights_only=True)
 
 
-def test_nnunet_trainer_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    raw, pre, results = tmp_path / "raw", tmp_path / "pre", tmp_path / "results"
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The synthetic dataset, planned and preprocessed by nnU-Net: (raw, preprocessed)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    raw, pre = root / "raw", root / "pre"
+    _make_dataset(raw)
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre),
+           "nnUNet_results": str(root / "results")}  # fmt: skip
+    planner = Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
+    subprocess.run([str(planner), "-d", "987", "-c", "3d_fullres", "-np", "1"], check=True,
+                   capture_output=True, env=env)  # fmt: skip
+    names = [f"case{i:03d}" for i in range(10)]
+    splits = [{"train": names[:8], "val": names[8:]}]  # the hard case trains in fold 0
+    (pre / DATASET / "splits_final.json").write_text(json.dumps(splits))
+    return raw, pre
+
+
+def test_nnunet_trainer_end_to_end(
+    planned: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (raw, pre), results = planned, tmp_path / "results"
     for name, path in (("nnUNet_raw", raw), ("nnUNet_preprocessed", pre),
                        ("nnUNet_results", results)):  # fmt: skip
         monkeypatch.setenv(name, str(path))
@@ -76,13 +99,6 @@ def test_nnunet_trainer_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("TORCHDRO_ITERATIONS_PER_EPOCH", "10")
     monkeypatch.setenv("TORCHDRO_NUM_CACHED", "1")
     monkeypatch.setenv("TORCHDRO_SKIP_FINAL_VALIDATION", "1")
-    _make_dataset(raw)
-    planner = Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
-    subprocess.run([str(planner), "-d", "987", "-c", "3d_fullres", "-np", "1"], check=True,
-                   capture_output=True)  # fmt: skip
-    names = [f"case{i:03d}" for i in range(10)]
-    splits = [{"train": names[:8], "val": names[8:]}]  # the hard case trains in fold 0
-    (pre / DATASET / "splits_final.json").write_text(json.dumps(splits))
 
     monkeypatch.setenv("TORCHDRO_NUM_EPOCHS", "3")
     assert cli_main(["nnunet", "train", "987", "3d_fullres", "0", "-device", "cpu"]) == 0
@@ -127,6 +143,65 @@ def test_nnunet_trainer_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert cli_main(argv) == 0
     prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "test000.nii.gz")))
     assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1, 2, 3}
+
+
+def _draw_in_worker(loader: HardnessWeightedDataLoader, go: Any, out: Any, batches: int) -> None:
+    go.wait()  # until the parent has written to the table after forking us
+    drawn = [next(loader) for _ in range(batches)]
+    out.put([(b["keys"], b["torchdro_index"].tolist(), b["torchdro_log_prob"].tolist())
+             for b in drawn])  # fmt: skip
+
+
+def test_the_training_loader_draws_from_the_shared_table_in_forked_workers(
+    planned: tuple[Path, Path],
+) -> None:
+    """The loader nnU-Net's augmenter forks: a batch's cases come from the table, workers
+    see the writes the main process makes after they forked, and each draws its own stream."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    base = planned[1] / DATASET
+    folder = str(base / "nnUNetPlans_3d_fullres")
+    labels = PlansManager(str(base / "nnUNetPlans.json")).get_label_manager(
+        json.loads((base / "dataset.json").read_text())
+    )
+    names = [f"case{i:03d}" for i in range(8)]
+    dataset = infer_dataset_class(folder)(folder, names)
+    table = LossTable(DROSettings(beta=100.0).table_settings(8), init_loss=1.0, seed=0,
+                      shared=True)  # fmt: skip
+    loader = HardnessWeightedDataLoader(table, dataset, 2, (32, 32, 32), (32, 32, 32), labels)
+    # beta * 0.5 = 50 nats ahead: every other case has p below 7 e^-50.
+    table.update([3], [1.5])
+    batch = next(loader)
+    assert batch["keys"] == ["case003"] * 2 and batch["torchdro_index"].tolist() == [3, 3]
+    assert batch["data"].shape == (2, 1, 32, 32, 32)
+    assert torch.allclose(batch["torchdro_log_prob"], torch.zeros(2, dtype=torch.float64))
+
+    fork = multiprocessing.get_context("fork")
+    go, out = fork.Event(), fork.Queue()
+    workers = [fork.Process(target=_draw_in_worker, args=(loader, go, out, 1))]
+    workers[0].start()
+    table.update([3, 5], [1.0, 1.5])  # after the fork: now case 5 leads by 50 nats
+    go.set()
+    [(keys, indices, log_probs)] = out.get(timeout=120)
+    workers[0].join(timeout=60)
+    assert keys == ["case005"] * 2 and indices == [5, 5]
+    assert np.allclose(log_probs, 0.0)  # p under the table as the worker refreshed it
+
+    # Uniform table: two workers' 10 batches agree with probability 8^-40 unless they share
+    # a generator.
+    table.update(np.arange(8), np.ones(8))
+    go = fork.Event()
+    workers = [fork.Process(target=_draw_in_worker, args=(loader, go, out, 10)) for _ in "ab"]
+    for worker in workers:
+        worker.start()
+    go.set()
+    streams = [[i for _, batch_indices, _ in out.get(timeout=120) for i in batch_indices]
+               for _ in workers]  # fmt: skip
+    for worker in workers:
+        worker.join(timeout=60)
+    assert streams[0] != streams[1]
+    assert sorted(set(streams[0] + streams[1])) != [3]  # not stuck on the old favourite
 
 
 def _bare_trainer(case_names: list[str], table: LossTable) -> nnUNetTrainerDRO:
