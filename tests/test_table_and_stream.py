@@ -26,13 +26,14 @@ def test_table_settings_validate_and_are_frozen() -> None:
     assert settings.clip_weights == (0.5, 2.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.momentum = 0.5  # type: ignore[misc]
+    kl = KL(beta=1.0)
     for bad, error in [
-        ({"num_samples": 0}, ValueError),
+        ({"num_samples": 0, "law": kl}, ValueError),
         ({"num_samples": 5, "law": "kl"}, TypeError),
-        ({"num_samples": 5, "momentum": 1.0}, ValueError),
-        ({"num_samples": 5, "nonfinite": "ignore"}, ValueError),
-        ({"num_samples": 5, "max_loss": float("inf")}, ValueError),
-        ({"num_samples": 5, "replacement": "yes"}, TypeError),
+        ({"num_samples": 5, "law": kl, "momentum": 1.0}, ValueError),
+        ({"num_samples": 5, "law": kl, "nonfinite": "ignore"}, ValueError),
+        ({"num_samples": 5, "law": kl, "max_loss": float("inf")}, ValueError),
+        ({"num_samples": 5, "law": kl, "replacement": "yes"}, TypeError),
     ]:
         with pytest.raises(error):
             TableSettings(**bad)

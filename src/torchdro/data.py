@@ -9,7 +9,7 @@ any single case, and writing it into the table would blur every case's hardness.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, Dataset
 
 from torchdro._warnings import warn_user
-from torchdro.records import DrawInfo
+from torchdro.records import DrawInfo, DrawnBatch
 
 __all__ = [
     "IndexedDataset",
@@ -56,8 +56,30 @@ class IndexedDataset(Dataset[tuple[T, DrawInfo]], Generic[T]):
             raise TypeError(_AS_SAMPLER)
         log_prob = float(getattr(index, "log_prob", math.nan))
         batch = int(getattr(index, "batch", -1))
-        item = self.dataset[int(index)]
-        draw = DrawInfo(int(index), log_prob, batch)
+        return self._attach(self.dataset[int(index)], DrawInfo(int(index), log_prob, batch))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """A whole batch at once, as the DataLoader fetches it: the same items as
+        ``[self[i] for i in indices]``, read from a ``DrawnBatch``'s arrays without building
+        an object per index (and through the wrapped dataset's own ``__getitems__`` if any)."""
+        if isinstance(indices, DrawnBatch):
+            plain = indices.indices.tolist()
+            log_probs = indices.log_probs.tolist()
+            batches = [indices.batch_id] * len(plain)
+        else:
+            if any(isinstance(i, (list, tuple)) for i in indices):
+                raise TypeError(_AS_SAMPLER)
+            plain = [int(i) for i in indices]
+            log_probs = [float(getattr(i, "log_prob", math.nan)) for i in indices]
+            batches = [int(getattr(i, "batch", -1)) for i in indices]
+        fetch = getattr(self.dataset, "__getitems__", None)
+        items = fetch(plain) if callable(fetch) else [self.dataset[i] for i in plain]
+        return [
+            self._attach(item, DrawInfo(i, p, b))
+            for item, i, p, b in zip(items, plain, log_probs, batches, strict=True)
+        ]
+
+    def _attach(self, item: Any, draw: DrawInfo) -> Any:
         if self.key is None:
             return item, draw
         if not isinstance(item, Mapping):

@@ -1,8 +1,11 @@
 """What a drawn example carries from the sampler, through the DataLoader, back to ``update``.
 
-Two records, one per stage:
+Three records, one per stage:
 
-- ``DrawnIndex``: one index as the sampler yields it (an ``int`` with two attributes);
+- ``DrawnBatch``: a batch as the sampler yields it, a ``list`` of B indices that also holds
+  the batch's arrays, so that neither the sampler nor ``IndexedDataset`` (through
+  ``__getitems__``) builds B Python objects on the hot path;
+- ``DrawnIndex``: one of its elements, read one at a time (an ``int`` with two attributes);
 - ``DrawInfo``: the record ``IndexedDataset`` attaches to each item. After collation it is the
   batch's record: three tensors of shape (B,).
 
@@ -13,15 +16,15 @@ to (to know which in-flight batch was consumed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, TypeAlias
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import torch
 
 from torchdro._validation import to_numpy
 
-__all__ = ["DrawInfo", "DrawnIndex", "Indices", "Values"]
+__all__ = ["DrawInfo", "DrawnBatch", "DrawnIndex", "Indices", "Values"]
 
 #: Example indices, shape (B,): a tensor, an array or a sequence of ints.
 Indices: TypeAlias = "torch.Tensor | np.ndarray | Sequence[int]"
@@ -65,18 +68,47 @@ class DrawnIndex(int):
         return (DrawnIndex, (int(self), self.log_prob, self.batch))
 
 
-def as_batch(indices: np.ndarray, log_probs: np.ndarray, batch_id: int) -> list[int]:
-    """The list a batch sampler yields: one ``DrawnIndex`` per index."""
-    return [
-        DrawnIndex(i, p, batch_id)
-        for i, p in zip(indices.tolist(), log_probs.tolist(), strict=True)
-    ]
+class DrawnBatch(list[int]):
+    """A batch as the sampler yields it: a list of B example indices, with its arrays.
+
+    Reading an element (indexing or iterating) gives a ``DrawnIndex``, which carries its
+    drawn log-probability and batch number; code that takes the whole batch reads the arrays
+    instead: ``indices`` (int64, shape (B,)), ``log_probs`` (float64, shape (B,), natural log
+    of p at draw time; NaN for a uniform warm-up draw) and ``batch_id`` (the sampler's
+    sequence number of the batch).
+    """
+
+    indices: np.ndarray
+    log_probs: np.ndarray
+    batch_id: int
+
+    def __init__(self, indices: np.ndarray, log_probs: np.ndarray, batch_id: int) -> None:
+        super().__init__(indices.tolist())
+        self.indices, self.log_probs, self.batch_id = indices, log_probs, batch_id
+
+    def __getitem__(self, position: Any) -> Any:
+        if isinstance(position, slice):
+            return [self[k] for k in range(*position.indices(len(self)))]
+        return DrawnIndex(
+            super().__getitem__(position), float(self.log_probs[position]), self.batch_id
+        )
+
+    def __iter__(self) -> Iterator[int]:
+        for index, log_prob in zip(super().__iter__(), self.log_probs.tolist(), strict=True):
+            yield DrawnIndex(index, log_prob, self.batch_id)
+
+    def __reduce__(self) -> tuple[type[DrawnBatch], tuple[np.ndarray, np.ndarray, int]]:
+        return (DrawnBatch, (self.indices, self.log_probs, self.batch_id))
 
 
 def unpack(
     indices: DrawInfo | Indices, drawn_log_probs: Values | None
 ) -> tuple[Indices, Values | None, np.ndarray | None]:
     """Split what ``update`` received into (indices, drawn log-probs, batch ids or None)."""
+    if isinstance(indices, DrawnBatch):
+        batch_ids = np.full(indices.indices.size, indices.batch_id, dtype=np.int64)
+        drawn = indices.log_probs if drawn_log_probs is None else drawn_log_probs
+        return indices.indices, drawn, batch_ids
     if isinstance(indices, list) and indices and isinstance(indices[0], DrawnIndex):
         drawn = [i.log_prob for i in indices]
         batch_ids = np.array([i.batch for i in indices], dtype=np.int64)

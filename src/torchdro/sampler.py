@@ -28,7 +28,7 @@ from torchdro._warnings import warn_user
 from torchdro.data import check_loader_wiring
 from torchdro.distributed import RankSync, default_sync
 from torchdro.laws import KL, Law
-from torchdro.records import DrawInfo, DrawnIndex, Indices, Values, as_batch
+from torchdro.records import DrawInfo, DrawnBatch, DrawnIndex, Indices, Values
 from torchdro.stream import Batch, EpochStream, InFlightBatches, StreamSettings
 from torchdro.table import (
     LossTable,
@@ -234,14 +234,14 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             yield self._local_batch(batch)
         self.stream.in_epoch = False
 
-    def _local_batch(self, batch: Batch) -> list[int]:
+    def _local_batch(self, batch: Batch) -> DrawnBatch:
         # Every rank draws the same global batch; each keeps its own contiguous slice.
         indices, log_probs = batch.indices, batch.log_probs
         if self.world_size > 1:
             size = self.stream.settings.batch_size
             part = slice(self.rank * size, (self.rank + 1) * size)
             indices, log_probs = indices[part], log_probs[part]
-        return as_batch(indices, log_probs, batch.batch_id)
+        return DrawnBatch(indices, log_probs, batch.batch_id)
 
     def _start_epoch(self) -> None:
         if (
