@@ -1,5 +1,6 @@
-"""nnU-Net v2 end to end on a tiny synthetic dataset: plan, train with 2 workers, continue,
-predict. About a minute on CPU; skipped where nnunetv2 is not installed."""
+"""nnU-Net v2 on a tiny synthetic dataset: plan, train with 2 workers, continue, predict; the
+training loader on its own; the sidecars (round trip, the 0.1.0 layout, fine-tuning, bad
+input). About 3 minutes on a busy 2-core CPU; skipped where nnunetv2 is not installed."""
 
 from __future__ import annotations
 
