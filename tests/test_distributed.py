@@ -154,13 +154,23 @@ FAMILY = {
     "cvar": CVaR(alpha=0.25),
     "chi2-radius": ChiSquare(radius=0.5),
     "chi2-penalty": ChiSquare(penalty=0.2),
+    "cvar-over-groups": CVaR(alpha=0.5),
 }
+GROUPS = np.arange(N) % 4  # used by the "-over-groups" laws
 
 
 def run_family(law, batch: int, steps: int = 16) -> tuple[list[list[int]], list[str], list]:
     """Draw/update steps with a law refitted every 3 updates: batches, hashes and fits."""
+    groups = GROUPS if isinstance(law, CVaR) and law.alpha == 0.5 else None
     sampler = HardnessWeightedSampler(
-        N, batch, law=law, seed=4, importance_weights=True, init_loss=INIT, refit_interval=3
+        N,
+        batch,
+        law=law,
+        seed=4,
+        importance_weights=True,
+        init_loss=INIT,
+        refit_interval=3,
+        groups=groups,
     )
     batches, hashes, fits = [], [], []
     for step, drawn in zip(range(steps), endless_batches(sampler), strict=False):

@@ -6,13 +6,15 @@ Chi-square tests use ``helpers.ALPHA`` (false-failure budget in ``tests/helpers.
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
 from torchdro import KL, ChiSquare, CVaR, HardnessWeightedSampler, Law
-from torchdro.losses import chi_square_loss, cvar_loss, dro_loss
+from torchdro.laws import two_level_probabilities
+from torchdro.losses import chi_square_loss, cvar_loss, dro_loss, group_dro_loss
 
 from helpers import ALPHA, chi_square_pvalue, endless_batches
 
@@ -187,3 +189,87 @@ def test_law_stats_report_the_laws_value() -> None:
     assert "beta" not in stats
     with pytest.raises(TypeError, match="KL"):
         sampler.beta = 1.0
+
+
+# ----------------------------------------------------------------------------- groups
+
+GROUPS = np.repeat(np.arange(4), [3, 5, 10, 12])  # sizes 3, 5, 10, 12: N = 30
+GROUP_LAWS: dict[str, Law] = {
+    "kl": KL(beta=3.0),
+    "cvar-worst-group": CVaR(alpha=0.25),
+    "chi2": ChiSquare(radius=0.3),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUP_LAWS))
+def test_group_draws_follow_the_exact_two_level_law(name: str) -> None:
+    law = GROUP_LAWS[name]
+    sampler = sampler_for(law, groups=GROUPS)
+    counts = np.bincount(draws(sampler, 1500), minlength=N)
+    expected = two_level_probabilities(law, TABLE, GROUPS, 4, sampling=True)
+    assert chi_square_pvalue(counts, expected) > ALPHA
+    np.testing.assert_allclose(sampler.probabilities().numpy(), expected, atol=1e-12)
+    # Not the example-level law: the groups, not the examples, are the law's units.
+    assert chi_square_pvalue(counts, law.sampling_probabilities(TABLE)) < ALPHA
+
+
+def test_uniform_law_over_groups_is_group_balanced_sampling() -> None:
+    sampler = sampler_for(CVaR(alpha=1.0), groups=GROUPS)
+    counts = np.bincount(GROUPS[draws(sampler, 1500)], minlength=4)
+    assert chi_square_pvalue(counts, np.full(4, 0.25)) > ALPHA
+
+
+def test_group_weighted_gradient_is_the_group_closed_form_gradient() -> None:
+    torch.manual_seed(1)
+    features = torch.randn(N, 4, dtype=torch.float64)
+    targets = torch.randn(N, dtype=torch.float64)
+    weight = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def losses_of(index: torch.Tensor) -> torch.Tensor:
+        return (features[index] @ weight - targets[index]) ** 2
+
+    law = CVaR(alpha=0.5)
+    table = losses_of(torch.arange(N)).detach()
+    sampler = HardnessWeightedSampler(N, 64, law=law, init_loss=table, seed=2, groups=GROUPS)
+    every = losses_of(torch.arange(N))
+    (expected,) = torch.autograd.grad(group_dro_loss(every, torch.from_numpy(GROUPS), law), weight)
+    estimates = []
+    stream = endless_batches(sampler)
+    for _ in range(600):
+        batch = next(stream)
+        losses = losses_of(torch.tensor(list(map(int, batch))))
+        weights = sampler.weights(batch, losses.detach())
+        estimates.append(torch.autograd.grad((weights * losses).mean(), weight)[0])
+    stacked = torch.stack(estimates)
+    error = (stacked.mean(0) - expected).abs()
+    assert (error <= 4.5 * stacked.std(0) / len(estimates) ** 0.5 + 1e-12).all()
+
+
+def test_group_checkpoint_round_trip_and_wrong_groups() -> None:
+    reference = sampler_for(GROUP_LAWS["kl"], batch=4, refit_interval=3, groups=GROUPS)
+    stream = endless_batches(reference)
+    for step in range(5):
+        batch = next(stream)
+        reference.update(batch, np.abs(np.sin(np.array(batch) + step)))
+    buffer = io.BytesIO()
+    torch.save(reference.state_dict(), buffer)
+    expected = [[int(i) for i in next(stream)] for _ in range(6)]
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed = sampler_for(GROUP_LAWS["kl"], batch=4, refit_interval=3, groups=GROUPS)
+    resumed.load_state_dict(state)
+    assert [[int(i) for i in b] for b in itertools.islice(endless_batches(resumed), 6)] == expected
+    other = sampler_for(GROUP_LAWS["kl"], batch=4, refit_interval=3, groups=GROUPS[::-1].copy())
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="groups"):
+        other.load_state_dict(state)
+    assert torch.equal(other.state_dict()["losses"], before["losses"])
+
+
+def test_bad_groups_are_refused() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        sampler_for(KL(beta=1.0), groups=np.zeros(N - 1, dtype=int))
+    with pytest.raises(TypeError, match="integers"):
+        sampler_for(KL(beta=1.0), groups=np.zeros(N))
+    with pytest.raises(ValueError, match=">= 0"):
+        sampler_for(KL(beta=1.0), groups=np.full(N, -1))

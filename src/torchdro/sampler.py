@@ -124,6 +124,11 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         process_group: the group to synchronise over; default the default group.
         shared_table: keep the loss table in shared memory, so that processes forked after
             construction read every update.
+        groups: optional group id of every example (ints, shape (N,)): the law then acts on
+            the groups' mean stale losses, each non-empty group one unit of it (uniform over
+            groups is group-balanced sampling; ``CVaR(alpha=1/G)`` is the worst group), and
+            examples are drawn uniformly within their group. Refitted like a threshold
+            (``refit_interval``). See ``docs/theory.md``, "Groups".
 
     Settings that may change during training have validated setters: ``beta``,
     ``importance_weights``, ``clip_weights``, ``momentum``, ``min_ess_fraction``,
@@ -156,6 +161,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         distributed: bool | None = None,
         process_group: Any = None,
         shared_table: bool = False,
+        groups: Indices | None = None,
     ) -> None:
         if sum(x is not None for x in (beta, kl_radius, law)) != 1:
             raise TypeError("give exactly one of beta, kl_radius and law")
@@ -201,9 +207,11 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             seed = self._sync.agree_on_seed(seed)  # one generator, advanced alike everywhere
         self.beta_schedule = beta_schedule
         self.table = LossTable(table_settings, init_loss=init_loss, seed=seed,
-                               shared=shared_table)  # fmt: skip
+                               shared=shared_table, groups=groups)  # fmt: skip
         if self._sync is not None and not isinstance(init_loss, (int, float)):
             self._sync.check_same(self.table.losses.numpy(), "init_loss")
+        if self._sync is not None and self.table.groups is not None:
+            self._sync.check_same(self.table.groups.ids.astype(np.float64), "groups")
         self.stream = EpochStream(stream_settings, num_samples, seed)
         self.in_flight = InFlightBatches()
         self._updates_at_epoch_start: int | None = 0
@@ -264,7 +272,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         epoch = self.stream.epoch
         if self.beta_schedule is not None:
             self.table.beta = self.beta_schedule(epoch)
-        if self.table.law.needs_refit and not self.stream.warming_up:
+        if self.table.needs_refit and not self.stream.warming_up:
             self.table.refit()
         self.table.check_collapse(epoch)
 
@@ -589,7 +597,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
                 f"state dict is for {table_settings.num_samples} examples, "
                 f"this sampler has {self.num_samples}"
             )
-        table_state = LossTable.check_state(state, table_settings)
+        table_state = LossTable.check_state(state, table_settings, self.table.groups)
         stream_state = EpochStream.check_state(state)
         replay = InFlightBatches.check_state(state["pending"], self.num_samples, stream_state[3])
         world_size = check_positive_int(state["world_size"], "state dict world_size")
@@ -663,7 +671,7 @@ def _upgrade(state: Mapping[str, Any]) -> Mapping[str, Any]:
             and epoch >= warmup
         )
         state = {**state, "settings": settings, "num_skipped": 0, "refitting": refitting,
-                 "fit": [beta, 0.0]}  # fmt: skip
+                 "fit": [beta, 0.0], "groups": None, "group_fit": None}  # fmt: skip
     return {**state, "version_read": version}
 
 

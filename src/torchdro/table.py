@@ -145,6 +145,11 @@ class LossTable:
         shared: keep the losses in shared memory, so that processes forked after
             construction (data-loading workers) read every write; they call ``refresh()``
             before drawing.
+        groups: optional group id of every example, integers of shape (N,). The law then
+            acts on the groups' mean stale losses, each non-empty group one unit of it, and
+            examples are drawn uniformly within their group (``docs/theory.md``, "Groups").
+            The group law is refitted like a threshold: when hardness starts, at each epoch
+            start and every ``refit_interval`` updates; between refits it is frozen.
     """
 
     def __init__(
@@ -154,8 +159,10 @@ class LossTable:
         init_loss: float | Values = 10.0,
         seed: int,
         shared: bool = False,
+        groups: Indices | None = None,
     ) -> None:
         self._settings = settings
+        self._groups = None if groups is None else _Groups(groups, settings.num_samples)
         self.seed = seed
         self._rng = np.random.Generator(np.random.PCG64(seed))
         n = settings.num_samples
@@ -173,8 +180,8 @@ class LossTable:
         else:
             self._losses[:] = check_finite_vector(init_loss, n, "init_loss")
         self._last_update = np.full(n, -1, dtype=np.int64)
-        self._fit = _initial_fit(settings.law, self._losses)
-        self._tree = LogSumTree(self._leaves(self._losses), fanout=_FANOUT, top_size=_TOP_SIZE)
+        self._fit, self._group_fit = _fit_law(settings.law, self._losses, self._groups, True)
+        self._tree = LogSumTree(self._leaves(None), fanout=_FANOUT, top_size=_TOP_SIZE)
         self._num_updates = 0
         self._num_skipped = 0
         # The law is refitted every refit_interval updates once the first refit has happened
@@ -205,11 +212,9 @@ class LossTable:
             )
         new = dataclasses.replace(self._settings, **changes)
         if new.law != self._settings.law:
-            fit = _initial_fit(new.law, self._losses)
-            if self._refitting or not _waits_for_first_refit(new.law):
-                fit = new.law.fit(self._losses)
+            initial = not self._refitting and _waits_for_first_refit(new.law)
             self._settings = new
-            self._set_fit(fit)
+            self._set_fit(*_fit_law(new.law, self._losses, self._groups, initial))
         self._settings = new
 
     @property
@@ -236,8 +241,10 @@ class LossTable:
         if not isinstance(law, KL):
             raise TypeError(f"beta applies to the KL law; this table samples {law!r}")
         beta = check_beta(value)
-        if law.radius is not None:  # a calibrated value, until the next calibration
-            self._set_fit(LawFit((beta,), 0.0))
+        if law.radius is not None and self._groups is None:  # calibrated, until the next
+            self._set_fit(LawFit((beta,), 0.0), None)
+        elif law.radius is not None:
+            raise TypeError("with groups, a KL radius sets beta itself: use KL(beta=...)")
         else:
             self.configure(law=dataclasses.replace(law, beta=beta))
 
@@ -245,9 +252,20 @@ class LossTable:
         """Recompute the law's fit (KL radius: beta; CVaR / chi-square: thresholds) from the
         whole table, O(N) to O(N log N), and rebuild the tree. From the first call on, the
         law is also refitted every ``refit_interval`` updates when that is set."""
-        self._set_fit(self.law.fit(self._losses))
+        self._set_fit(*_fit_law(self.law, self._losses, self._groups, False))
         self._refitting = True
         return self._fit
+
+    @property
+    def groups(self) -> _Groups | None:
+        """The examples' groups (``ids``, ``sizes``), or None for a law over examples."""
+        return self._groups
+
+    @property
+    def needs_refit(self) -> bool:
+        """Whether the law depends on the whole table (a KL radius, CVaR, chi-square,
+        exploration, or any law over groups) and so is refitted when epochs start."""
+        return self.law.needs_refit or self._groups is not None
 
     def calibrate_beta(self) -> float:
         """KL radius: set beta so that KL(p || uniform) = radius over the current table
@@ -257,13 +275,17 @@ class LossTable:
             raise ValueError("calibrate_beta needs a table whose law is KL(radius=...)")
         return self.refit().params[0]
 
-    def _set_fit(self, fit: LawFit) -> None:
-        self._fit = fit
-        self._tree.rebuild(self._leaves(self._losses))
+    def _set_fit(self, fit: LawFit, group_fit: _GroupFit | None) -> None:
+        self._fit, self._group_fit = fit, group_fit
+        self._tree.rebuild(self._leaves(None))
 
-    def _leaves(self, losses: np.ndarray) -> np.ndarray:
-        """The tree's leaf logits for examples with these losses, under the frozen fit."""
-        return _leaf_logits(self._settings.law, self._fit, losses, self.num_samples)
+    def _leaves(self, indices: np.ndarray | None) -> np.ndarray:
+        """The tree's leaf logits of these examples (None: all) under the frozen fit."""
+        if self._group_fit is not None and self._groups is not None:
+            ids = self._groups.ids if indices is None else self._groups.ids[indices]
+            return self._group_fit.leaf[ids]
+        values = self._losses if indices is None else self._losses[indices]
+        return _leaf_logits(self._settings.law, self._fit, values, self.num_samples)
 
     # ------------------------------------------------------------------ drawing
 
@@ -288,7 +310,7 @@ class LossTable:
     def refresh(self) -> None:
         """Rebuild the tree from the table, O(N): for a process that shares the table
         (``shared=True``) but not the tree, such as a forked data-loading worker."""
-        self._tree.rebuild(self._leaves(self._losses))
+        self._tree.rebuild(self._leaves(None))
 
     def reseed(self, *entropy: int) -> None:
         """Give this copy of the table its own generator, e.g. one per worker process."""
@@ -319,7 +341,7 @@ class LossTable:
                 removed = np.concatenate(found)
                 self._tree.set(fresh, np.full(fresh.size, REMOVED))
         finally:
-            self._tree.set(removed, self._leaves(self._losses[removed]))
+            self._tree.set(removed, self._leaves(removed))
         return np.concatenate(found), log_total
 
     # ------------------------------------------------------------------ updates
@@ -406,7 +428,12 @@ class LossTable:
         )
         hard = finite & ~np.isnan(drawn)  # NaN: a uniform warm-up draw, which keeps weight 1
         if hard.any():
-            log_ratio = law.log_target(target[hard], self._fit) - drawn[hard]
+            if self._group_fit is not None and self._groups is not None:
+                # The frozen group law's target: q_g / n_g (fresh and stale alike).
+                log_target = self._group_fit.target[self._groups.ids[update.indices[hard]]]
+            else:
+                log_target = law.log_target(target[hard], self._fit)
+            log_ratio = log_target - drawn[hard]
             if np.isneginf(log_ratio).all():
                 weights[hard] = 0.0  # every draw outside the support: a zero step
             else:
@@ -444,7 +471,8 @@ class LossTable:
             unique, values = self._ema(indices, losses)
         self._losses[unique] = values
         self._last_update[unique] = step
-        self._tree.set(unique, self._leaves(values))
+        if self._groups is None:  # a group's leaves change only when the group law is refitted
+            self._tree.set(unique, self._leaves(unique))
 
     def _ema(self, indices: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Occurrences of a repeated index are folded in order, one round per repetition.
@@ -540,7 +568,9 @@ class LossTable:
         entropy = float(-(p * log_p).sum())
         table = torch.from_numpy(self._losses)
         staleness_mean, staleness_max = self.staleness()
-        if isinstance(self.law, KL):
+        if self._groups is not None:
+            value = self.law.loss(self._groups.values(self._losses))
+        elif isinstance(self.law, KL):
             value = float(dro_loss(table, self.beta))
         else:
             value = self.law.loss(self._losses)
@@ -567,8 +597,8 @@ class LossTable:
         # Unseen examples at a high init value are meant to dominate p: no alarm until all
         # have a real loss.
         fraction = self._settings.min_ess_fraction
-        if fraction <= 0.0 or (self._last_update < 0).any():
-            return
+        if fraction <= 0.0 or (self._last_update < 0).any() or self._groups is not None:
+            return  # over groups, concentration on a small group is the point
         ess = self.effective_sample_size()
         # CVaR and a chi-square ball concentrate by design: compare with their nominal size.
         nominal = _nominal_share(self.law) * self.num_samples
@@ -600,12 +630,25 @@ class LossTable:
             "refitting": self._refitting,
             "fit": [float(v) for v in (*self._fit.params, self._fit.log_norm)],
             "rng": self._rng.bit_generator.state,
-        }
+            "groups": None if self._groups is None else torch.from_numpy(self._groups.ids.copy()),
+            "group_fit": None
+            if self._group_fit is None
+            else [torch.from_numpy(self._group_fit.leaf.copy()),
+                  torch.from_numpy(self._group_fit.target.copy())],
+        }  # fmt: skip
 
     @staticmethod
-    def check_state(state: Mapping[str, Any], settings: TableSettings) -> _TableState:
-        """Validate a table state against ``settings`` (from the same checkpoint)."""
+    def check_state(
+        state: Mapping[str, Any], settings: TableSettings, groups: _Groups | None = None
+    ) -> _TableState:
+        """Validate a table state against ``settings`` (from the same checkpoint) and the
+        groups of the table it will be restored into."""
         n = settings.num_samples
+        saved_groups = state.get("groups")
+        if (saved_groups is None) != (groups is None) or (
+            groups is not None and not np.array_equal(to_numpy(saved_groups), groups.ids)
+        ):
+            raise ValueError("state dict groups differ from this table's groups")
         seed = state["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"state dict seed must be a non-negative int, got {seed!r}")
@@ -623,21 +666,26 @@ class LossTable:
         refitting = state["refitting"]
         if not isinstance(refitting, bool):
             raise ValueError(f"state dict refitting must be a bool, got {refitting!r}")
+        group_fit: _GroupFit | None = None
         if state["fit"] is None:  # a law kept from the constructor: fit it to this table
-            fit = settings.law.fit(losses)
-            if not refitting and _waits_for_first_refit(settings.law):
-                fit = _initial_fit(settings.law, losses)
+            initial = not refitting and _waits_for_first_refit(settings.law)
+            fit, group_fit = _fit_law(settings.law, losses, groups, initial)
         else:
             fit = _check_fit(state["fit"], settings.law)
+            if groups is not None:
+                group_fit = _check_group_fit(state.get("group_fit"), groups.count)
         rng = np.random.Generator(np.random.PCG64())
         try:
             rng.bit_generator.state = dict(state["rng"])
         except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"state dict rng is not a PCG64 state: {error}") from error
-        leaves = _leaf_logits(settings.law, fit, losses, n)
+        if group_fit is not None and groups is not None:
+            leaves = group_fit.leaf[groups.ids]
+        else:
+            leaves = _leaf_logits(settings.law, fit, losses, n)
         tree = LogSumTree(leaves, fanout=_FANOUT, top_size=_TOP_SIZE)
         return _TableState(settings, seed, losses, last_update.astype(np.int64), num_updates,
-                           num_skipped, refitting, fit, rng, tree)  # fmt: skip
+                           num_skipped, refitting, fit, group_fit, rng, tree)  # fmt: skip
 
     def restore(self, checked: _TableState) -> None:
         """Adopt a state from ``check_state``; cannot fail."""
@@ -649,6 +697,7 @@ class LossTable:
         self._num_skipped = checked.num_skipped
         self._refitting = checked.refitting
         self._fit = checked.fit
+        self._group_fit = checked.group_fit
         self._rng = checked.rng
         self._tree = checked.tree
 
@@ -662,6 +711,7 @@ class _TableState(NamedTuple):
     num_skipped: int
     refitting: bool
     fit: LawFit
+    group_fit: _GroupFit | None
     rng: np.random.Generator
     tree: LogSumTree
 
@@ -670,6 +720,63 @@ _CHANGEABLE = frozenset(
     {"law", "importance_weights", "clip_weights", "momentum", "min_ess_fraction",
      "nonfinite", "max_loss", "refit_interval"}
 )  # fmt: skip
+
+
+class _Groups:
+    """Group ids of the examples, validated, with each group's size."""
+
+    def __init__(self, groups: Indices, num_samples: int) -> None:
+        ids = to_numpy(groups)
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"groups must be integers, got dtype {ids.dtype}")
+        if ids.shape != (num_samples,):
+            raise ValueError(f"groups must have shape ({num_samples},), got {ids.shape}")
+        if ids.min() < 0:
+            raise ValueError(f"groups must be >= 0, got {int(ids.min())}")
+        self.ids = ids.astype(np.int64)
+        self.sizes = np.bincount(self.ids)
+        self.count = int(self.sizes.size)  # G: ids run from 0 to G - 1; empty ones allowed
+        self.present = self.sizes > 0
+
+    def values(self, losses: np.ndarray) -> np.ndarray:
+        """The non-empty groups' mean losses, shape (G',)."""
+        sums = np.bincount(self.ids, weights=losses, minlength=self.count)
+        return sums[self.present] / self.sizes[self.present]
+
+
+class _GroupFit(NamedTuple):
+    """The group law frozen at a refit, per group (G,): ``leaf`` is each member's log
+    sampling weight (the law over groups, with exploration, minus log n_g), ``target`` its
+    log target weight (log q~_g - log n_g; -inf where q has no mass or the group is empty)."""
+
+    leaf: np.ndarray
+    target: np.ndarray
+
+
+def _fit_law(
+    law: Law, losses: np.ndarray, groups: _Groups | None, initial: bool
+) -> tuple[LawFit, _GroupFit | None]:
+    """The law fitted to the table (``initial``: before the first refit), and over groups
+    the per-group weights it implies."""
+    values = losses if groups is None else groups.values(losses)
+    fit = _initial_fit(law, values) if initial else law.fit(values)
+    if groups is None:
+        return fit, None
+    log_sizes = np.log(groups.sizes[groups.present])
+    leaf = np.full(groups.count, REMOVED)
+    leaf[groups.present] = _leaf_logits(law, fit, values, values.size) - log_sizes
+    target = np.full(groups.count, -np.inf)
+    target[groups.present] = law.log_target(values, fit) - log_sizes
+    return fit, _GroupFit(leaf, target)
+
+
+def _check_group_fit(raw: Any, count: int) -> _GroupFit:
+    if not isinstance(raw, (list, tuple)) or len(raw) != 2:
+        raise ValueError("state dict group_fit must be [leaf, target] for a table with groups")
+    leaf, target = (to_numpy(part).astype(np.float64) for part in raw)
+    if leaf.shape != (count,) or target.shape != (count,) or np.isnan(leaf).any():
+        raise ValueError(f"state dict group_fit must hold two vectors of {count} groups")
+    return _GroupFit(leaf, target)
 
 
 def _waits_for_first_refit(law: Law) -> bool:
