@@ -56,6 +56,7 @@ $(BENCH_STAMP): pyproject.toml
 
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) -m benchmarks.bench_sampler --out results/benchmark.json
+	$(BENCH_PY) -m benchmarks.bench_laws --out results/benchmark_laws.json
 
 test: $(TEST_STAMP)
 	$(TEST_PY) -m ruff check src tests benchmarks examples
