@@ -205,6 +205,37 @@ def test_the_training_loader_draws_from_the_shared_table_in_forked_workers(
     assert sorted(set(streams[0] + streams[1])) != [3]  # not stuck on the old favourite
 
 
+def test_a_law_setting_is_refitted_in_the_workers(planned: tuple[Path, Path]) -> None:
+    """TORCHDRO_LAW=cvar:...: a forked worker refits the law to the table the main process
+    wrote after the fork, so it draws only from the new worst quarter of the cases."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    base = planned[1] / DATASET
+    folder = str(base / "nnUNetPlans_3d_fullres")
+    labels = PlansManager(str(base / "nnUNetPlans.json")).get_label_manager(
+        json.loads((base / "dataset.json").read_text())
+    )
+    names = [f"case{i:03d}" for i in range(8)]
+    dataset = infer_dataset_class(folder)(folder, names)
+    os.environ["TORCHDRO_LAW"] = "cvar:alpha=0.25,exploration=0"
+    try:
+        settings = DROSettings.resolve({})
+    finally:
+        del os.environ["TORCHDRO_LAW"]
+    table = LossTable(settings.table_settings(8), init_loss=np.arange(8.0), seed=0, shared=True)
+    loader = HardnessWeightedDataLoader(table, dataset, 2, (32, 32, 32), (32, 32, 32), labels)
+    fork = multiprocessing.get_context("fork")
+    go, out = fork.Event(), fork.Queue()
+    worker = fork.Process(target=_draw_in_worker, args=(loader, go, out, 6))
+    worker.start()
+    table.update([0, 1], [20.0, 30.0])  # after the fork: cases 0 and 1 are now the worst two
+    go.set()
+    drawn = {i for _, indices, _ in out.get(timeout=120) for i in indices}
+    worker.join(timeout=60)
+    assert drawn <= {0, 1} and drawn  # 12 draws from the refitted law, none from 6 and 7
+
+
 def _bare_trainer(case_names: list[str], table: LossTable) -> nnUNetTrainerDRO:
     """A trainer with only what restoring a sidecar touches (no plans, no network)."""
     trainer = nnUNetTrainerDRO.__new__(nnUNetTrainerDRO)

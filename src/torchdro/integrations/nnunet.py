@@ -40,7 +40,7 @@ except ImportError as error:  # nnU-Net < 2.6 had one loader class per dimension
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from torchdro.integrations.nnunet_env import TRAINER_FOLDER
-from torchdro.laws import KL
+from torchdro.laws import KL, Law, law_from_state
 from torchdro.sampler import HardnessWeightedSampler
 from torchdro.table import LossTable, TableSettings
 
@@ -56,6 +56,19 @@ __all__ = [
     "nnUNetTrainerDRO_beta30",
 ]
 
+
+def _parse_law(text: str) -> Law:
+    """``"cvar:alpha=0.1"`` -> ``CVaR(alpha=0.1)``: the law's name, then its arguments."""
+    name, _, arguments = text.partition(":")
+    state: dict[str, Any] = {"law": name.strip()}
+    for part in filter(None, (a.strip() for a in arguments.split(","))):
+        key, equals, value = part.partition("=")
+        if not equals:
+            raise ValueError(f"TORCHDRO_LAW: expected name:key=value,..., got {text!r}")
+        state[key.strip()] = float(value)
+    return law_from_state(state)
+
+
 SIDECAR_SUFFIX = ".torchdro"
 #: Layout of the sidecar written next to each nnU-Net checkpoint. 2: the table's state under
 #: "table". The layout before it (no "version" key) held a whole sampler's state under
@@ -69,6 +82,9 @@ class DROSettings:
     """The table's settings; ``TORCHDRO_<NAME>`` environment variables override them."""
 
     beta: float = 100.0  # the paper's value with Dice + CE
+    # Another DRO law instead of KL(beta): "cvar:alpha=0.1", "chi_square:radius=1",
+    # "kl:radius=0.3" (torchdro.laws); empty keeps KL(beta).
+    law: str = ""
     importance_weights: bool = False
     momentum: float = 0.0
     init_loss: float = 2.0  # above nnU-Net's Dice + CE at the start, as in the paper
@@ -102,7 +118,7 @@ class DROSettings:
         """The validated ``TableSettings`` for a training set of ``num_samples`` cases."""
         return TableSettings(
             num_samples=num_samples,
-            law=KL(beta=self.beta),
+            law=_parse_law(self.law) if self.law else KL(beta=self.beta),
             replacement=self.replacement,
             momentum=self.momentum,
             importance_weights=self.importance_weights,
@@ -147,7 +163,13 @@ class HardnessWeightedDataLoader(nnUNetDataLoader):
             self._pid, self._forked = os.getpid(), True
             self.table.reseed(self._pid)  # forked workers would otherwise draw alike
         if self._forked:
-            self.table.refresh()  # the writes of the main process reach the tree
+            # The writes of the main process reach the tree; a law fitted to the whole table
+            # (CVaR, chi-square, a KL radius) is refitted too: a worker has no other way to
+            # follow the main process's fit, and nnU-Net's few hundred cases make it cheap.
+            if self.table.needs_refit:
+                self.table.refit()
+            else:
+                self.table.refresh()
         self._drawn = self.table.draw(self.batch_size)
         return [self.indices[i] for i in self._drawn[0].tolist()]
 
@@ -372,6 +394,11 @@ class nnUNetTrainerDRO(nnUNetTrainer):
         self.drawn_cases.extend(str(key) for key in batch["keys"])
         self.drawn_log_probs.extend(torch.as_tensor(batch["torchdro_log_prob"]).tolist())
         return result
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.table is not None and self.table.needs_refit:
+            self.table.refit()  # the main process's fit, for the importance weights
 
     def on_epoch_end(self) -> None:
         if self.table is not None:
