@@ -273,3 +273,51 @@ def test_bad_groups_are_refused() -> None:
         sampler_for(KL(beta=1.0), groups=np.zeros(N))
     with pytest.raises(ValueError, match=">= 0"):
         sampler_for(KL(beta=1.0), groups=np.full(N, -1))
+
+
+def test_hardness_within_groups_follows_the_exact_two_level_law() -> None:
+    law = CVaR(alpha=0.5)
+    sampler = sampler_for(law, groups=GROUPS, within_beta=2.0)
+    counts = np.bincount(draws(sampler, 1500), minlength=N)
+    expected = two_level_probabilities(law, TABLE, GROUPS, 4, within_beta=2.0, sampling=True)
+    assert chi_square_pvalue(counts, expected) > ALPHA
+    np.testing.assert_allclose(sampler.probabilities().numpy(), expected, atol=1e-12)
+    uniform_within = two_level_probabilities(law, TABLE, GROUPS, 4, sampling=True)
+    assert chi_square_pvalue(counts, uniform_within) < ALPHA  # the setting changes the law
+    with pytest.raises(ValueError, match="needs groups"):
+        sampler_for(law, within_beta=2.0)
+
+
+def test_hardness_within_groups_gradient_is_the_two_level_gradient() -> None:
+    # The objective is the law over each group's own KL-DRO value; by the envelope theorem
+    # its gradient is sum_i p*_i grad l_i with p* the exact two-level law (no exploration).
+    # Losses here reach about 34, so small betas keep the law spread out (ESS about 9 of 30).
+    torch.manual_seed(2)
+    features = torch.randn(N, 4, dtype=torch.float64)
+    targets = torch.randn(N, dtype=torch.float64)
+    weight = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def losses_of(index: torch.Tensor) -> torch.Tensor:
+        return (features[index] @ weight - targets[index]) ** 2
+
+    law = KL(beta=0.1)
+    table = losses_of(torch.arange(N)).detach()
+    p_star = two_level_probabilities(law, table.numpy(), GROUPS, 4, within_beta=0.1)
+    (expected,) = torch.autograd.grad(
+        (torch.from_numpy(p_star) * losses_of(torch.arange(N))).sum(), weight
+    )
+    sampler = HardnessWeightedSampler(
+        N, 64, law=law, init_loss=table, seed=6, groups=GROUPS, within_beta=0.1,
+        importance_weights=True,
+    )  # fmt: skip
+    estimates = []
+    stream = endless_batches(sampler)
+    for _ in range(600):
+        batch = next(stream)
+        losses = losses_of(torch.tensor(list(map(int, batch))))
+        weights = sampler.weights(batch, losses.detach())
+        estimates.append(torch.autograd.grad((weights * losses).mean(), weight)[0])
+    stacked = torch.stack(estimates)
+    error = (stacked.mean(0) - expected).abs()
+    assert (stacked.std(0) > 0).all()  # the draws vary: the test is not degenerate
+    assert (error <= 4.5 * stacked.std(0) / len(estimates) ** 0.5 + 1e-12).all()

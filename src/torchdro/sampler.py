@@ -52,7 +52,7 @@ _STATE_KEYS_V1 = frozenset(
 _STATE_KEYS = _STATE_KEYS_V1 | {"num_skipped", "refitting", "fit"}
 _TABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(TableSettings))
 _STREAM_FIELDS = frozenset(f.name for f in dataclasses.fields(StreamSettings))
-_V1_SETTINGS = (_TABLE_FIELDS | _STREAM_FIELDS) - {"nonfinite", "max_loss"}
+_V1_SETTINGS = (_TABLE_FIELDS | _STREAM_FIELDS) - {"nonfinite", "max_loss", "within_beta"}
 #: Settings a checkpoint may leave as the constructor set them (``load_state_dict(keep=)``):
 #: they change how the stream continues but not its shape.
 KEEPABLE_SETTINGS = frozenset(
@@ -129,6 +129,9 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             groups is group-balanced sampling; ``CVaR(alpha=1/G)`` is the worst group), and
             examples are drawn uniformly within their group. Refitted like a threshold
             (``refit_interval``). See ``docs/theory.md``, "Groups".
+        within_beta: with ``groups``, draw within each group by softmax(within_beta * L)
+            (inverse loss units) instead of uniformly; the group law then acts on each
+            group's own KL-DRO value, so that the two-level draw stays unbiased.
 
     Settings that may change during training have validated setters: ``beta``,
     ``importance_weights``, ``clip_weights``, ``momentum``, ``min_ess_fraction``,
@@ -162,6 +165,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
         process_group: Any = None,
         shared_table: bool = False,
         groups: Indices | None = None,
+        within_beta: float = 0.0,
     ) -> None:
         if sum(x is not None for x in (beta, kl_radius, law)) != 1:
             raise TypeError("give exactly one of beta, kl_radius and law")
@@ -189,6 +193,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             min_ess_fraction=min_ess_fraction,
             nonfinite=nonfinite,
             max_loss=max_loss,
+            within_beta=within_beta,
         )
         stream_settings = StreamSettings(batch_size, num_batches, warmup_epochs)
         self._sync: RankSync | None = None

@@ -36,7 +36,7 @@ from torchdro._validation import (
     to_numpy,
 )
 from torchdro._warnings import warn_user
-from torchdro.laws import KL, ChiSquare, CVaR, Law, LawFit, law_from_state
+from torchdro.laws import KL, ChiSquare, CVaR, Law, LawFit, group_values, law_from_state
 from torchdro.losses import dro_loss
 from torchdro.records import DrawInfo, Indices, Values, unpack
 from torchdro.tree import REMOVED, LogSumTree
@@ -62,7 +62,8 @@ class TableSettings:
     ``KL(radius=...)``, ``CVaR(alpha=...)``, ``ChiSquare(...)``); ``replacement``;
     ``momentum`` in [0, 1); ``importance_weights``; ``clip_weights`` (low, high) or None;
     ``refit_interval`` (updates between refits of the law, or None); ``min_ess_fraction``
-    in [0, 1]; ``nonfinite`` ("raise" or "skip"); ``max_loss`` (loss units, or None).
+    in [0, 1]; ``nonfinite`` ("raise" or "skip"); ``max_loss`` (loss units, or None);
+    ``within_beta`` (inverse loss units; with groups, hardness within each group).
     Meanings: ``HardnessWeightedSampler``'s docstring.
     """
 
@@ -76,6 +77,7 @@ class TableSettings:
     min_ess_fraction: float = 0.1
     nonfinite: NonFinitePolicy = "raise"
     max_loss: float | None = None
+    within_beta: float = 0.0
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -93,6 +95,7 @@ class TableSettings:
         if self.refit_interval is not None:
             put("refit_interval", check_positive_int(self.refit_interval, "refit_interval"))
         put("min_ess_fraction", check_fraction(self.min_ess_fraction, "min_ess_fraction"))
+        put("within_beta", check_beta(self.within_beta, "within_beta"))
         if self.nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
         if self.max_loss is not None:
@@ -147,7 +150,8 @@ class LossTable:
             before drawing.
         groups: optional group id of every example, integers of shape (N,). The law then
             acts on the groups' mean stale losses, each non-empty group one unit of it, and
-            examples are drawn uniformly within their group (``docs/theory.md``, "Groups").
+            examples are drawn uniformly within their group, or by softmax(within_beta * L)
+            with ``TableSettings.within_beta`` (``docs/theory.md``, "Groups").
             The group law is refitted like a threshold: when hardness starts, at each epoch
             start and every ``refit_interval`` updates; between refits it is frozen.
     """
@@ -163,6 +167,8 @@ class LossTable:
     ) -> None:
         self._settings = settings
         self._groups = None if groups is None else _Groups(groups, settings.num_samples)
+        if settings.within_beta > 0.0 and self._groups is None:
+            raise ValueError("within_beta draws by hardness within groups: it needs groups=")
         self.seed = seed
         self._rng = np.random.Generator(np.random.PCG64(seed))
         n = settings.num_samples
@@ -180,7 +186,9 @@ class LossTable:
         else:
             self._losses[:] = check_finite_vector(init_loss, n, "init_loss")
         self._last_update = np.full(n, -1, dtype=np.int64)
-        self._fit, self._group_fit = _fit_law(settings.law, self._losses, self._groups, True)
+        self._fit, self._group_fit = _fit_law(
+            settings.law, self._losses, self._groups, True, settings.within_beta
+        )
         self._tree = LogSumTree(self._leaves(None), fanout=_FANOUT, top_size=_TOP_SIZE)
         self._num_updates = 0
         self._num_skipped = 0
@@ -214,7 +222,7 @@ class LossTable:
         if new.law != self._settings.law:
             initial = not self._refitting and _waits_for_first_refit(new.law)
             self._settings = new
-            self._set_fit(*_fit_law(new.law, self._losses, self._groups, initial))
+            self._set_fit(*_fit_law(new.law, self._losses, self._groups, initial, new.within_beta))
         self._settings = new
 
     @property
@@ -252,7 +260,9 @@ class LossTable:
         """Recompute the law's fit (KL radius: beta; CVaR / chi-square: thresholds) from the
         whole table, O(N) to O(N log N), and rebuild the tree. From the first call on, the
         law is also refitted every ``refit_interval`` updates when that is set."""
-        self._set_fit(*_fit_law(self.law, self._losses, self._groups, False))
+        self._set_fit(
+            *_fit_law(self.law, self._losses, self._groups, False, self._settings.within_beta)
+        )
         self._refitting = True
         return self._fit
 
@@ -281,10 +291,12 @@ class LossTable:
 
     def _leaves(self, indices: np.ndarray | None) -> np.ndarray:
         """The tree's leaf logits of these examples (None: all) under the frozen fit."""
+        values = self._losses if indices is None else self._losses[indices]
         if self._group_fit is not None and self._groups is not None:
             ids = self._groups.ids if indices is None else self._groups.ids[indices]
-            return self._group_fit.leaf[ids]
-        values = self._losses if indices is None else self._losses[indices]
+            within = self._settings.within_beta
+            base = self._group_fit.leaf[ids]
+            return base + within * values if within else base
         return _leaf_logits(self._settings.law, self._fit, values, self.num_samples)
 
     # ------------------------------------------------------------------ drawing
@@ -429,8 +441,10 @@ class LossTable:
         hard = finite & ~np.isnan(drawn)  # NaN: a uniform warm-up draw, which keeps weight 1
         if hard.any():
             if self._group_fit is not None and self._groups is not None:
-                # The frozen group law's target: q_g / n_g (fresh and stale alike).
+                # The frozen group law's target q_g / Z_g, times exp(within_beta * l).
                 log_target = self._group_fit.target[self._groups.ids[update.indices[hard]]]
+                if self._settings.within_beta:
+                    log_target = log_target + self._settings.within_beta * target[hard]
             else:
                 log_target = law.log_target(target[hard], self._fit)
             log_ratio = log_target - drawn[hard]
@@ -471,7 +485,8 @@ class LossTable:
             unique, values = self._ema(indices, losses)
         self._losses[unique] = values
         self._last_update[unique] = step
-        if self._groups is None:  # a group's leaves change only when the group law is refitted
+        if self._groups is None or self._settings.within_beta:
+            # Uniform within groups, a leaf changes only when the group law is refitted.
             self._tree.set(unique, self._leaves(unique))
 
     def _ema(self, indices: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -569,7 +584,7 @@ class LossTable:
         table = torch.from_numpy(self._losses)
         staleness_mean, staleness_max = self.staleness()
         if self._groups is not None:
-            value = self.law.loss(self._groups.values(self._losses))
+            value = self.law.loss(self._groups.values(self._losses, self._settings.within_beta))
         elif isinstance(self.law, KL):
             value = float(dro_loss(table, self.beta))
         else:
@@ -669,7 +684,7 @@ class LossTable:
         group_fit: _GroupFit | None = None
         if state["fit"] is None:  # a law kept from the constructor: fit it to this table
             initial = not refitting and _waits_for_first_refit(settings.law)
-            fit, group_fit = _fit_law(settings.law, losses, groups, initial)
+            fit, group_fit = _fit_law(settings.law, losses, groups, initial, settings.within_beta)
         else:
             fit = _check_fit(state["fit"], settings.law)
             if groups is not None:
@@ -738,35 +753,48 @@ class _Groups:
         self.count = int(self.sizes.size)  # G: ids run from 0 to G - 1; empty ones allowed
         self.present = self.sizes > 0
 
-    def values(self, losses: np.ndarray) -> np.ndarray:
-        """The non-empty groups' mean losses, shape (G',)."""
+    def values(self, losses: np.ndarray, within_beta: float = 0.0) -> np.ndarray:
+        """What the group law acts on, for the non-empty groups, shape (G',): each group's
+        mean loss, or with within_beta > 0 its own KL-DRO value (``laws.group_values``)."""
+        if within_beta:
+            result: np.ndarray = group_values(losses, self.ids, self.count, within_beta)[0]
+            return result[self.present]
         sums = np.bincount(self.ids, weights=losses, minlength=self.count)
-        return sums[self.present] / self.sizes[self.present]
+        means: np.ndarray = sums[self.present] / self.sizes[self.present]
+        return means
 
 
 class _GroupFit(NamedTuple):
     """The group law frozen at a refit, per group (G,): ``leaf`` is each member's log
-    sampling weight (the law over groups, with exploration, minus log n_g), ``target`` its
-    log target weight (log q~_g - log n_g; -inf where q has no mass or the group is empty)."""
+    sampling weight less within_beta * L (the law over groups, with exploration, minus the
+    group's log normaliser log Z_g = log sum exp(within_beta * L), frozen too; log n_g when
+    uniform within), ``target`` its log target weight less within_beta * l (log q~_g -
+    log Z_g; -inf where q has no mass or the group is empty)."""
 
     leaf: np.ndarray
     target: np.ndarray
 
 
 def _fit_law(
-    law: Law, losses: np.ndarray, groups: _Groups | None, initial: bool
+    law: Law,
+    losses: np.ndarray,
+    groups: _Groups | None,
+    initial: bool,
+    within_beta: float = 0.0,
 ) -> tuple[LawFit, _GroupFit | None]:
     """The law fitted to the table (``initial``: before the first refit), and over groups
     the per-group weights it implies."""
-    values = losses if groups is None else groups.values(losses)
+    values = losses if groups is None else groups.values(losses, within_beta)
     fit = _initial_fit(law, values) if initial else law.fit(values)
     if groups is None:
         return fit, None
-    log_sizes = np.log(groups.sizes[groups.present])
+    # log Z_g = log sum_g exp(within_beta * L) = within_beta * v_g + log n_g (v_g the group's
+    # KL-DRO value); log n_g when uniform within the group.
+    log_norms = np.log(groups.sizes[groups.present]) + within_beta * values
     leaf = np.full(groups.count, REMOVED)
-    leaf[groups.present] = _leaf_logits(law, fit, values, values.size) - log_sizes
+    leaf[groups.present] = _leaf_logits(law, fit, values, values.size) - log_norms
     target = np.full(groups.count, -np.inf)
-    target[groups.present] = law.log_target(values, fit) - log_sizes
+    target[groups.present] = law.log_target(values, fit) - log_norms
     return fit, _GroupFit(leaf, target)
 
 
