@@ -26,6 +26,7 @@ from torchdro import KL, ChiSquare, CVaR, HardnessWeightedSampler, Law
 
 LAWS: dict[str, Law] = {
     "KL(beta=2)": KL(beta=2.0),
+    "KL(beta=2), importance weights": KL(beta=2.0),
     "KL(radius=0.5)": KL(radius=0.5),
     "CVaR(alpha=0.1)": CVaR(alpha=0.1),
     "ChiSquare(radius=1)": ChiSquare(radius=1.0),
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler = HardnessWeightedSampler(
             n, batch, law=law, init_loss=init, seed=0, num_batches=10**9,
             groups=groups if "groups" in name else None,
+            importance_weights="importance" in name,
         )  # fmt: skip
         streams[name] = iter(sampler)
         next(streams[name])  # the epoch start: the first refit

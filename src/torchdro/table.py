@@ -423,38 +423,46 @@ class LossTable:
         """Weights of shape (B,), float64: ones, or with ``importance_weights`` the
         self-normalised p_target / p_drawn (mean 1 over the finite entries, before clipping).
         Entries whose loss is not finite get weight 0."""
-        finite = np.isfinite(update.losses)
-        weights: np.ndarray = finite.astype(np.float64)
         law = self._settings.law
+        losses = update.losses
         if self._settings.importance_weights:
-            target = update.losses  # the fresh losses: corrects staleness and exploration
+            target = losses  # the fresh losses: corrects staleness and exploration
         elif law.exploration > 0.0:
             target = self._losses[update.indices]  # the stale ones: corrects exploration only
         else:
-            return weights
-        if not finite.any():
-            return weights
+            ones: np.ndarray = np.isfinite(losses).astype(np.float64)
+            return ones
         # log r = log q~(l) - log p_drawn; the normalisers cancel in the self-normalisation.
         drawn: np.ndarray = (
             self._tree.leaf_logits(update.indices) if update.drawn is None else update.drawn
         )
-        hard = finite & ~np.isnan(drawn)  # NaN: a uniform warm-up draw, which keeps weight 1
-        if hard.any():
-            if self._group_fit is not None and self._groups is not None:
-                # The frozen group law's target q_g / Z_g, times exp(within_beta * l).
-                log_target = self._group_fit.target[self._groups.ids[update.indices[hard]]]
-                if self._settings.within_beta:
-                    log_target = log_target + self._settings.within_beta * target[hard]
+        # NaN drawn: a uniform warm-up draw, which keeps weight 1; non-finite loss: weight 0.
+        hard = np.isfinite(losses)
+        hard &= drawn == drawn
+        weights: np.ndarray = np.isfinite(losses).astype(np.float64)
+        every = bool(hard.all())
+        if every or hard.any():
+            # Every entry hard (the usual case): views instead of boolean copies.
+            part: slice | np.ndarray = slice(None) if every else hard
+            log_ratio = self._log_target(update.indices[part], target[part])
+            log_ratio -= drawn[part]
+            if log_ratio.max() == -np.inf:
+                weights[part] = 0.0  # every draw outside the support: a zero step
             else:
-                log_target = law.log_target(target[hard], self._fit)
-            log_ratio = log_target - drawn[hard]
-            if np.isneginf(log_ratio).all():
-                weights[hard] = 0.0  # every draw outside the support: a zero step
-            else:
-                weights[hard] = _self_normalised(log_ratio)
+                weights[part] = _self_normalised(log_ratio)
             if self._settings.clip_weights is not None:
                 np.clip(weights, *self._settings.clip_weights, out=weights, where=hard)
         return weights
+
+    def _log_target(self, indices: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        """log q~ of these examples with these losses under the frozen fit (a new array)."""
+        if self._group_fit is not None and self._groups is not None:
+            # The frozen group law's target q_g / Z_g, times exp(within_beta * l).
+            log_target: np.ndarray = self._group_fit.target[self._groups.ids[indices]]
+            if self._settings.within_beta:
+                log_target = log_target + self._settings.within_beta * losses
+            return log_target
+        return np.array(self._settings.law.log_target(losses, self._fit), dtype=np.float64)
 
     def apply(self, indices: np.ndarray, losses: np.ndarray) -> None:
         """Write checked losses (repeats applied in order; non-finite entries skipped and
