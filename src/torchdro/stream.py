@@ -209,12 +209,13 @@ class InFlightBatches:
         drawn: the match is among the oldest few in flight, and any older one was skipped by
         the loop; the window keeps this O(1).
         """
-        if batch_ids is not None and (batch_ids >= 0).any():
+        ids = _known_ids(batch_ids)
+        if ids:
             fresh = True
-            for batch_id in np.unique(batch_ids[batch_ids >= 0]).tolist():
-                if self._pending.pop(int(batch_id), None) is None and batch_id in self._recent:
+            for batch_id in ids:
+                if self._pending.pop(batch_id, None) is None and batch_id in self._recent:
                     fresh = False
-                self._recent.append(int(batch_id))
+                self._recent.append(batch_id)
             return fresh
         window = itertools.islice(self._pending.values(), _MATCH_WINDOW)
         for position, batch in enumerate(window):
@@ -261,3 +262,14 @@ class InFlightBatches:
         self._pending = OrderedDict()
         self._replay = replay
         self._recent.clear()
+
+
+def _known_ids(batch_ids: np.ndarray | None) -> list[int]:
+    """The distinct batch ids >= 0 (-1 means unknown); one batch's ids, the usual case, fast."""
+    if batch_ids is None or batch_ids.size == 0:
+        return []
+    first = int(batch_ids[0])
+    if first >= 0 and first == int(batch_ids[-1]) and bool((batch_ids == first).all()):
+        return [first]
+    ids: list[int] = np.unique(batch_ids[batch_ids >= 0]).tolist()
+    return ids
