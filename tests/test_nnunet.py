@@ -146,6 +146,20 @@ def test_nnunet_trainer_end_to_end(
     assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1, 2, 3}
 
 
+def _preprocessed_cases(planned: tuple[Path, Path]) -> tuple[Any, Any]:
+    """nnU-Net's dataset of the 8 preprocessed training cases and its label manager."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    base = planned[1] / DATASET
+    folder = str(base / "nnUNetPlans_3d_fullres")
+    labels = PlansManager(str(base / "nnUNetPlans.json")).get_label_manager(
+        json.loads((base / "dataset.json").read_text())
+    )
+    names = [f"case{i:03d}" for i in range(8)]
+    return infer_dataset_class(folder)(folder, names), labels
+
+
 def _draw_in_worker(loader: HardnessWeightedDataLoader, go: Any, out: Any, batches: int) -> None:
     go.wait()  # until the parent has written to the table after forking us
     drawn = [next(loader) for _ in range(batches)]
@@ -158,16 +172,7 @@ def test_the_training_loader_draws_from_the_shared_table_in_forked_workers(
 ) -> None:
     """The loader nnU-Net's augmenter forks: a batch's cases come from the table, workers
     see the writes the main process makes after they forked, and each draws its own stream."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    base = planned[1] / DATASET
-    folder = str(base / "nnUNetPlans_3d_fullres")
-    labels = PlansManager(str(base / "nnUNetPlans.json")).get_label_manager(
-        json.loads((base / "dataset.json").read_text())
-    )
-    names = [f"case{i:03d}" for i in range(8)]
-    dataset = infer_dataset_class(folder)(folder, names)
+    dataset, labels = _preprocessed_cases(planned)
     table = LossTable(DROSettings(beta=100.0).table_settings(8), init_loss=1.0, seed=0,
                       shared=True)  # fmt: skip
     loader = HardnessWeightedDataLoader(table, dataset, 2, (32, 32, 32), (32, 32, 32), labels)
@@ -208,16 +213,7 @@ def test_the_training_loader_draws_from_the_shared_table_in_forked_workers(
 def test_a_law_setting_is_refitted_in_the_workers(planned: tuple[Path, Path]) -> None:
     """TORCHDRO_LAW=cvar:...: a forked worker refits the law to the table the main process
     wrote after the fork, so it draws only from the new worst quarter of the cases."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    base = planned[1] / DATASET
-    folder = str(base / "nnUNetPlans_3d_fullres")
-    labels = PlansManager(str(base / "nnUNetPlans.json")).get_label_manager(
-        json.loads((base / "dataset.json").read_text())
-    )
-    names = [f"case{i:03d}" for i in range(8)]
-    dataset = infer_dataset_class(folder)(folder, names)
+    dataset, labels = _preprocessed_cases(planned)
     os.environ["TORCHDRO_LAW"] = "cvar:alpha=0.25,exploration=0"
     try:
         settings = DROSettings.resolve({})
