@@ -437,9 +437,9 @@ class LossTable:
             self._tree.leaf_logits(update.indices) if update.drawn is None else update.drawn
         )
         # NaN drawn: a uniform warm-up draw, which keeps weight 1; non-finite loss: weight 0.
-        hard = np.isfinite(losses)
-        hard &= drawn == drawn
-        weights: np.ndarray = np.isfinite(losses).astype(np.float64)
+        finite = np.isfinite(losses)
+        weights: np.ndarray = finite.astype(np.float64)
+        hard = finite & (drawn == drawn)
         every = bool(hard.all())
         if every or hard.any():
             # Every entry hard (the usual case): views instead of boolean copies.
