@@ -3,8 +3,9 @@ capture, selection on validation, paired statistics with Holm / Bonferroni adjus
 verdict rule, results.json, tables and plots.
 
 The statistics are those of ``docs/experiments.md`` ("Statistics and verdicts"): paired
-differences per seed, t intervals, Holm-adjusted p-values over a declared family, verdicts from
-the Bonferroni-adjusted interval against an equivalence margin ``delta``.
+differences per seed, with t intervals (the digits study) or a hierarchical bootstrap over data
+sets and their test cases (the 3D study); Holm-adjusted p-values over a declared family;
+verdicts from the Bonferroni-adjusted interval against an equivalence margin ``delta``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class RunRecord:
     naming them; ``metrics`` the scores (accuracies in [0, 1]); ``seconds`` the wall time of
     the whole run, first stages included; ``collapse_warnings`` the number of
     ``SamplerCollapseWarning`` raised during it; ``min_ess_fraction`` the smallest effective
-    sample size / N seen at an epoch end (NaN without a sampler).
+    sample size / N seen at an epoch end (NaN without a sampler); ``cases`` per-case scores
+    (subgroup -> structure -> one value per test case) for statistics that resample cases;
+    ``evaluation_seconds`` the wall time of the evaluation when ``seconds`` excludes it.
     """
 
     study: str
@@ -56,6 +59,8 @@ class RunRecord:
     collapse_warnings: int = 0
     min_ess_fraction: float = math.nan
     trace: dict[str, list[float]] = field(default_factory=dict)
+    cases: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    evaluation_seconds: float = math.nan
 
 
 @dataclass
@@ -267,6 +272,129 @@ def compare_family(
     return out
 
 
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def sorted_quantile(values: np.ndarray, q: float) -> np.ndarray:
+    """The q-quantile along the last axis of an array already sorted along it.
+
+    Linear interpolation between order statistics, as ``np.quantile``'s default: position
+    q (n − 1), so the result equals ``np.quantile(values, q, axis=-1)``.
+    """
+    n = values.shape[-1]
+    position = q * (n - 1)
+    low = math.floor(position)
+    high = min(low + 1, n - 1)
+    fraction = position - low
+    return values[..., low] + fraction * (values[..., high] - values[..., low])
+
+
+#: The per-case statistics the 3D study reports, each reducing the last (sorted) axis.
+CASE_STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": lambda v: v.mean(axis=-1),
+    "p10": lambda v: sorted_quantile(v, 0.10),
+    "iqr": lambda v: sorted_quantile(v, 0.75) - sorted_quantile(v, 0.25),
+}
+
+
+def hierarchical_bootstrap(
+    values: Mapping[str, np.ndarray],
+    reducers: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+    *,
+    resamples: int,
+    seed: int,
+    chunk: int = 500,
+) -> dict[tuple[str, str], np.ndarray]:
+    """Bootstrap replicates of the mean over data sets of a per-data-set statistic.
+
+    ``values`` maps each method to its per-case scores, shape (K data sets, n test cases), the
+    cases in the same order for every method. Each replicate draws K data sets with
+    replacement, then within each drawn data set n of its cases with replacement, the same
+    draw for every method (pairing by case), applies each reducer to every drawn data set
+    (the values are given sorted along the case axis) and averages over the K drawn data sets.
+    The draws depend only on ``seed``, K, n and ``resamples``, so every cell of a study that
+    uses the same seed sees the same resamples.
+
+    Returns ``(method, statistic) -> replicates``, each of shape (resamples,).
+    """
+    shapes = {v.shape for v in values.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"every method needs scores of one shape (K, n), got {shapes}")
+    sets, cases = next(iter(shapes))
+    rng = np.random.default_rng(seed)
+    out = {(m, s): np.empty(resamples) for m in values for s in reducers}
+    for start in range(0, resamples, chunk):
+        r = min(chunk, resamples - start)
+        drawn_sets = rng.integers(0, sets, size=(r, sets))
+        drawn_cases = rng.integers(0, cases, size=(r, sets, cases))
+        for method, scores in values.items():
+            sample = np.sort(scores[drawn_sets[:, :, None], drawn_cases], axis=-1)
+            for name, reduce in reducers.items():
+                out[(method, name)][start : start + r] = reduce(sample).mean(axis=1)
+    return out
+
+
+def bootstrap_p(replicates: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of zero difference: (1 + 2 min(#≤0, #≥0)) / (R + 1) ∧ 1."""
+    below = int(np.count_nonzero(replicates <= 0))
+    above = int(np.count_nonzero(replicates >= 0))
+    return min(1.0, (1 + 2 * min(below, above)) / (len(replicates) + 1))
+
+
+def bootstrap_comparison(
+    name: str,
+    differences: Sequence[float],
+    replicates: np.ndarray,
+    *,
+    family_size: int,
+    alpha: float = ALPHA,
+    delta: float = DELTA,
+    tie: float = 0.0,
+    min_seeds: int = MIN_VERDICT_SEEDS,
+    decide: bool = True,
+) -> Comparison:
+    """A :class:`Comparison` from per-data-set differences and bootstrap replicates of their mean.
+
+    Percentile intervals: 95 % and, for the verdict, 1 − alpha / family_size. ``p_holm`` is
+    left equal to ``p``; :func:`holm_adjust` sets it over a family. Per data set, a difference
+    with ``|d| < tie`` counts as tied. ``decide=False`` (descriptive comparisons) gives no
+    verdict.
+    """
+    diffs = [float(d) for d in differences]
+    level = 1 - alpha / max(family_size, 1)
+    plain = tuple(float(x) for x in np.quantile(replicates, [0.025, 0.975]))
+    adjusted = tuple(float(x) for x in np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2]))
+    mean, std = mean_std(diffs)
+    reason = None
+    if not decide:
+        reason = "descriptive: no test, no verdict"
+    elif len(diffs) < min_seeds:
+        reason = f"{len(diffs)} paired data sets; a verdict needs at least {min_seeds}"
+    p = bootstrap_p(replicates)
+    return Comparison(
+        name=name,
+        differences=diffs,
+        family_size=family_size,
+        mean=mean,
+        std=std,
+        interval=(plain[0], plain[1]),
+        adjusted=(adjusted[0], adjusted[1]),
+        p=p,
+        p_holm=p,
+        higher=sum(d >= tie and d > 0 for d in diffs),
+        lower=sum(d <= -tie and d < 0 for d in diffs),
+        tied=sum(abs(d) < tie or d == 0 for d in diffs),
+        verdict=None if reason else verdict(*adjusted, delta=delta),
+        no_verdict_reason=reason,
+    )
+
+
+def holm_adjust(comparisons: Sequence[Comparison]) -> None:
+    """Set ``p_holm`` of every comparison of one declared family, in place."""
+    for comparison, adjusted in zip(comparisons, holm([c.p for c in comparisons]), strict=True):
+        comparison.p_holm = adjusted
+
+
 def paired_differences(
     a: Mapping[int, float], b: Mapping[int, float]
 ) -> tuple[list[int], list[float]]:
@@ -348,10 +476,12 @@ def plot_comparisons(
     xlabel: str,
     delta: float = DELTA,
     columns: int = 2,
+    plain: bool = False,
 ) -> None:
     """Forest plots, ``columns`` panels per row: each comparison's mean with its adjusted
     interval (clipped to the axis, which stops at ±1: differences of accuracies), coloured by
-    verdict; the ±delta band shaded. Written as PNG with the Agg backend."""
+    verdict; with ``plain`` also the 95 % interval, as a thicker bar. The ±delta band is
+    shaded. Written as PNG with the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,6 +508,8 @@ def plot_comparisons(
             if not math.isnan(low):
                 ax.plot([max(low, -1.0), min(high, 1.0)], [row, row], color=color, linewidth=2)
                 reach = max(reach, min(1.0, max(abs(low), abs(high))))
+            if plain and not math.isnan(c.interval[0]):
+                ax.plot(list(c.interval), [row, row], color=color, linewidth=5, alpha=0.6)
             ax.plot(c.mean, row, "o", color=color)
         ax.set_xlim(-reach * 1.05, reach * 1.05)
         ax.set_yticks(range(len(comparisons)), [c.name for c in comparisons], fontsize=7)
