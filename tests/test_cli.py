@@ -113,13 +113,3 @@ def test_digits_prints_numbers_but_no_verdict_from_few_seeds(
     table = printed.split("No verdict")[0]
     for word in ("better", "worse", "equivalent", "inconclusive"):
         assert word not in table
-
-
-def test_seg3d_sign_rule_gives_no_verdict_below_five_seeds() -> None:
-    from torchdro.experiments.report import Paired, verdict
-
-    assert verdict(Paired((0.1,))) == "no verdict (1 seeds; the sign rule needs at least 5)"
-    assert verdict(Paired((0.1, 0.2, 0.1, 0.3))).startswith("no verdict")
-    assert verdict(Paired((0.1, 0.2, 0.1, 0.3, -0.1))) == "DRO better"
-    assert verdict(Paired((0.1, 0.2, -0.1, 0.3, -0.1))) == "no clear difference"
-    assert verdict(Paired((-0.1, -0.2, -0.1, -0.3, 0.01))) == "DRO worse"

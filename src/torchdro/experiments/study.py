@@ -363,7 +363,7 @@ def bootstrap_comparison(
     diffs = [float(d) for d in differences]
     level = 1 - alpha / max(family_size, 1)
     plain = tuple(float(x) for x in np.quantile(replicates, [0.025, 0.975]))
-    adjusted = tuple(float(x) for x in np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2]))
+    low, high = (float(x) for x in np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2]))
     mean, std = mean_std(diffs)
     reason = None
     if not decide:
@@ -378,13 +378,13 @@ def bootstrap_comparison(
         mean=mean,
         std=std,
         interval=(plain[0], plain[1]),
-        adjusted=(adjusted[0], adjusted[1]),
+        adjusted=(low, high),
         p=p,
         p_holm=p,
         higher=sum(d >= tie and d > 0 for d in diffs),
         lower=sum(d <= -tie and d < 0 for d in diffs),
         tied=sum(abs(d) < tie or d == 0 for d in diffs),
-        verdict=None if reason else verdict(*adjusted, delta=delta),
+        verdict=None if reason else verdict(low, high, delta=delta),
         no_verdict_reason=reason,
     )
 
