@@ -1,7 +1,7 @@
 # Two entry points, each doing all of its own set-up on a fresh machine:
 #   make run    install, then run the main job (the pre-registered digits study)
 #   make test   install, then run ruff, mypy and the whole test suite (nnU-Net included)
-# Also: make seg3d (the pre-registered 3D segmentation study, ~19 min), make bench (sampler speed).
+# Also: make seg3d (the pre-registered 3D segmentation study, ~15 min), make bench (sampler speed).
 # pip and venvs only: uv and poetry would skip the local torch wheels and download gigabytes.
 # Two venvs: the studies run on the CPU build of torch 2.13; the tests also cover nnU-Net v2,
 # whose torchvision needs torch 2.14.1 (a CUDA build, which runs on the CPU as well).

@@ -12,7 +12,7 @@ torchdro: distributionally robust deep learning by hardness weighted sampling.
 
 commands:
   experiment digits   the pre-registered digits study (ERM against DRO and baselines)
-  experiment seg3d    the synthetic 3D segmentation study (MONAI)
+  experiment seg3d    the pre-registered 3D segmentation study (MONAI)
   nnunet train|predict|env
                       nnU-Net v2 with hardness weighted sampling; options after the action
                       go to nnUNetv2_train / nnUNetv2_predict (--help included)
@@ -21,7 +21,7 @@ Run "torchdro COMMAND --help" for a command's options."""
 
 # Projected for an idle 2-core CPU machine from per-run times (docs/experiments.md, "Compute
 # budget"); a busy machine takes up to 2.5 times longer.
-SEG3D_MINUTES = "about 19 min"
+SEG3D_MINUTES = "about 15 min"
 DIGITS_MINUTES = {"evaluate": "about 7 min", "tune": "about 12 min", "all": "about 25 min"}
 
 
