@@ -161,6 +161,9 @@ def main(out: Path) -> None:
         out / f"rank{args.process_index}.pt",
     )
     torch.distributed.barrier()
+    # A clean teardown: exiting with gloo's threads alive can abort one rank at exit
+    # ("terminate called without an active exception"), seen once under load.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

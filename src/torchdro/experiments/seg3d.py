@@ -902,6 +902,10 @@ def report(config: Config, records: Sequence[RunRecord], analysis: Analysis) -> 
             _comparison_rows(analysis.primary, adjusted=False),
         ),
         "",
+        f"The verdict column applies the study's rule (δ = {DELTA}); the decision applies the "
+        f"protocol's own non-inferiority margin ({NONINFERIORITY}) to the normal mean, so the "
+        "two can differ.",
+        "",
     ]
     if p10 is not None:
         parts += [
