@@ -108,6 +108,15 @@ def test_only_the_oracle_reads_the_subgroups() -> None:
     )
 
 
+def test_a_run_is_reproducible_from_its_seeds() -> None:
+    config = seg3d.Config(
+        datasets=1, steps=3, size=16, train_normal=6, train_anatomical=1, train_contrast=1,
+        test_per_group=2, workers=1,
+    )  # fmt: skip
+    first, second = (seg3d.run_one(config, "chi-square", 0) for _ in range(2))
+    assert first.cases == second.cases and first.trace == second.trace
+
+
 def test_augmentation_keeps_labels_integral_and_flips_only_left_right() -> None:
     data = seg3d.make_dataset({"normal": 2, "anatomical": 0, "contrast": 0}, 16, seed=1)
     chain = seg3d.augmentation(seed=5)
