@@ -81,10 +81,22 @@ class DrawnBatch(list[int]):
     indices: np.ndarray
     log_probs: np.ndarray
     batch_id: int
+    #: The token of the table that drew this batch (``None`` for one built by hand or
+    #: unpickled): ``update`` trusts the arrays of its own batches and does not re-check
+    #: them. Pickling drops it, so a batch that travelled through a process is checked.
+    source: object | None
 
-    def __init__(self, indices: np.ndarray, log_probs: np.ndarray, batch_id: int) -> None:
+    def __init__(
+        self,
+        indices: np.ndarray,
+        log_probs: np.ndarray,
+        batch_id: int,
+        *,
+        source: object | None = None,
+    ) -> None:
         super().__init__(indices.tolist())
         self.indices, self.log_probs, self.batch_id = indices, log_probs, batch_id
+        self.source = source
 
     def __getitem__(self, position: Any) -> Any:
         if isinstance(position, slice):
