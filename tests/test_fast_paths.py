@@ -19,7 +19,7 @@ from torchdro import HardnessWeightedSampler
 from torchdro.laws import CVaR
 from torchdro.records import DrawnBatch
 from torchdro.table import _last_occurrences, as_weight_tensor
-from torchdro.tree import REMOVED, LogSumTree, _Chooser, _search
+from torchdro.tree import LogSumTree, _Chooser, _search
 
 # ---------------------------------------------------------------- the tree's steps
 

@@ -221,8 +221,10 @@ class InFlightBatches:
                 self._recent.append(batch_id)
             return fresh
         window = itertools.islice(self._pending.values(), _MATCH_WINDOW)
-        for position, batch in enumerate(window):
-            if batch.indices.size == indices.size and np.array_equal(batch.indices, indices):
+        for position, candidate in enumerate(window):
+            if candidate.indices.size == indices.size and np.array_equal(
+                candidate.indices, indices
+            ):
                 for _ in range(position + 1):
                     self._pending.popitem(last=False)
                 return True

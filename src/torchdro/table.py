@@ -138,10 +138,17 @@ def _effective_sample_size(log_p: np.ndarray) -> float:
 
 
 def _self_normalised(log_ratio: np.ndarray) -> np.ndarray:
-    """exp(log_ratio - logsumexp(log_ratio) + log B): weights with mean 1, in the log domain."""
+    """exp(log_ratio - logsumexp(log_ratio) + log B): weights with mean 1, in the log domain;
+    all 0 when every log_ratio is -inf (every draw outside the support: a zero step).
+    Overwrites ``log_ratio`` (shape (B,)) and returns it."""
     peak = log_ratio.max()
-    shifted = log_ratio - peak
-    weights: np.ndarray = np.exp(shifted - np.log(np.exp(shifted).sum()) + math.log(log_ratio.size))
+    if peak == -np.inf:
+        return np.zeros(log_ratio.size)
+    shifted = np.subtract(log_ratio, peak, out=log_ratio)
+    total = np.exp(shifted).sum()
+    shifted -= np.log(total)
+    shifted += math.log(log_ratio.size)
+    weights: np.ndarray = np.exp(shifted, out=shifted)
     return weights
 
 
@@ -469,26 +476,25 @@ class LossTable:
         drawn: np.ndarray = (
             self._tree.leaf_logits(update.indices) if update.drawn is None else update.drawn
         )
+        clip = self._settings.clip_weights
+        if update.finite and not math.isnan(np.add.reduce(drawn)):
+            # Every loss finite and every entry drawn by hardness (the usual case): no masks.
+            log_ratio = self._log_target(update.indices, target)
+            log_ratio -= drawn
+            weights: np.ndarray = _self_normalised(log_ratio)
+            if clip is not None:
+                np.clip(weights, *clip, out=weights)
+            return weights
         # NaN drawn: a uniform warm-up draw, which keeps weight 1; non-finite loss: weight 0.
-        if update.finite:
-            weights: np.ndarray = np.ones(losses.size)
-            hard = drawn == drawn
-        else:
-            finite = np.isfinite(losses)
-            weights = finite.astype(np.float64)
-            hard = finite & (drawn == drawn)
-        every = bool(hard.all())
-        if every or hard.any():
-            # Every entry hard (the usual case): views instead of boolean copies.
-            part: slice | np.ndarray = slice(None) if every else hard
-            log_ratio = self._log_target(update.indices[part], target[part])
-            log_ratio -= drawn[part]
-            if log_ratio.max() == -np.inf:
-                weights[part] = 0.0  # every draw outside the support: a zero step
-            else:
-                weights[part] = _self_normalised(log_ratio)
-            if self._settings.clip_weights is not None:
-                np.clip(weights, *self._settings.clip_weights, out=weights, where=hard)
+        finite = np.isfinite(losses)
+        weights = finite.astype(np.float64)
+        hard = finite & (drawn == drawn)
+        if hard.any():
+            log_ratio = self._log_target(update.indices[hard], target[hard])
+            log_ratio -= drawn[hard]
+            weights[hard] = _self_normalised(log_ratio)
+            if clip is not None:
+                np.clip(weights, *clip, out=weights, where=hard)
         return weights
 
     def _log_target(self, indices: np.ndarray, losses: np.ndarray) -> np.ndarray:
@@ -499,7 +505,8 @@ class LossTable:
             if self._settings.within_beta:
                 log_target = log_target + self._settings.within_beta * losses
             return log_target
-        return np.array(self._settings.law.log_target(losses, self._fit), dtype=np.float64)
+        # A new array (Law.log_target's contract), which the caller overwrites.
+        return np.asarray(self._settings.law.log_target(losses, self._fit), dtype=np.float64)
 
     def apply(self, indices: np.ndarray, losses: np.ndarray, finite: bool = False) -> None:
         """Write checked losses (repeats applied in order; non-finite entries skipped and
