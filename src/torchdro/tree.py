@@ -36,19 +36,20 @@ _WIDE_ROWS = 256
 # From this many draws on, the top is searched with the keys in sorted order (see _search).
 _SORTED_KEYS = 512
 # From this many rows on, a child is chosen by counting bytes (see _Chooser).
-_WORD_ROWS = 1024
+_WORD_ROWS = 192
 
 
 def _cumulate(rows: np.ndarray, shift: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative sums of exp(rows - shift) along each row of a (k, fanout) array.
 
     ``shift`` (shape (k,)) defaults to the row maximum, so each row must hold a finite entry.
-    Returns ``(shift, cum)``, ``cum`` of shape (k, fanout). The rows are worked on as
-    columns (numpy reduces a short row slowly, about 80 ns of overhead a row, and a long
-    column quickly). The sums run left to right one term at a time whichever way they are
-    computed (one call for few rows, one call per column for many), so the same row gives
-    the same bits at any k: a write and a rebuild agree exactly, and a child without mass
-    never raises the sum.
+    Returns ``(shift, columns)``, ``columns`` of shape (fanout, k): ``columns[j, r]`` is the
+    sum over children 0..j of row r, so ``columns[-1]`` holds the row totals. The rows are
+    worked on, and returned, as columns: numpy reduces a short row slowly (about 80 ns of
+    overhead a row) and a long column quickly. The sums run left to right one term at a
+    time whichever way they are computed (one call for few rows, one call per column for
+    many), so the same row gives the same bits at any k: a write and a rebuild agree
+    exactly, and a child without mass never raises the sum.
     """
     columns = rows.T.copy()
     if shift is None:
@@ -61,7 +62,16 @@ def _cumulate(rows: np.ndarray, shift: np.ndarray | None = None) -> tuple[np.nda
     else:  # faster than accumulate for long columns
         for j in range(1, columns.shape[0]):
             columns[j] += columns[j - 1]
-    return shift, np.ascontiguousarray(columns.T)
+    return shift, columns
+
+
+def _choose_column(columns: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """``_Chooser``'s choice for cumulative masses given as columns (shape (fanout, B), from
+    ``_cumulate``): the number of entries of each column at or below its threshold, counted
+    along the short axis, which numpy does quickly."""
+    below = columns <= uniforms * columns[-1]
+    chosen: np.ndarray = np.add.reduce(below, axis=0, dtype=np.int64)
+    return chosen
 
 
 class _Chooser:
@@ -194,10 +204,11 @@ class LogSumTree:
                     self._reduce_level(above)
                 break
             nodes = nodes // self.fanout
-            top, cum = _cumulate(rows.take(nodes, axis=0))
-            self.levels[depth][nodes] = top + np.log(cum[:, -1])
+            top, columns = _cumulate(rows.take(nodes, axis=0))
+            self.levels[depth][nodes] = top + np.log(columns[-1])
             if depth < len(self.cums):
-                self.cums[depth][nodes] = cum
+                # Scattered from the columns as they are: no copy back into rows.
+                self.cums[depth].T[:, nodes] = columns
 
     def leaf_logits(self, indices: np.ndarray) -> np.ndarray:
         """The leaves at ``indices``, shape (B,)."""
@@ -223,12 +234,12 @@ class LogSumTree:
             # exp(row - parent) <= 1 since parent = logsumexp(row). Normalising by the row's
             # own sum rather than by 1 means rounding never selects a child without mass.
             if count * self.fanout < leaves.size:
-                _, cum = _cumulate(leaves.take(nodes, axis=0), parents.take(nodes))
+                _, columns = _cumulate(leaves.take(nodes, axis=0), parents.take(nodes))
             else:  # the batch would exponentiate more leaves than there are: do all once
-                _, cum = _cumulate(leaves, parents[: leaves.shape[0]])
-                cum = cum.take(nodes, axis=0)
+                _, columns = _cumulate(leaves, parents[: leaves.shape[0]])
+                columns = columns.take(nodes, axis=1)
             nodes *= self.fanout
-            nodes += self._choose(cum, uniforms[-1])
+            nodes += _choose_column(columns, uniforms[-1])
         return nodes, log_total
 
     def _reduce_level(self, depth: int) -> None:
@@ -238,10 +249,10 @@ class LogSumTree:
         cums = self.cums[depth] if depth < len(self.cums) else None
         for start in range(0, rows.shape[0], _BUILD_CHUNK_ROWS):
             stop = min(start + _BUILD_CHUNK_ROWS, rows.shape[0])
-            top, cum = _cumulate(rows[start:stop])
-            parent[start:stop] = top + np.log(cum[:, -1])
+            top, columns = _cumulate(rows[start:stop])
+            parent[start:stop] = top + np.log(columns[-1])
             if cums is not None:
-                cums[start:stop] = cum
+                cums[start:stop] = columns.T
 
     def _top(self) -> tuple[float, np.ndarray]:
         """logsumexp of the top level and the cumulative sums of exp(top - its max). Summed
