@@ -240,7 +240,8 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             self._start_epoch()
         for batch in self.in_flight.replays():
             yield self._local_batch(batch)
-        while self.stream.in_epoch and self.stream.position < len(self):
+        length = len(self)  # fixed within an epoch: its settings change only between epochs
+        while self.stream.in_epoch and self.stream.position < length:
             indices, log_probs = self._next_indices()
             batch = Batch(self.stream.advance(self._global_batch), indices, log_probs)
             self.in_flight.remember(batch)

@@ -926,6 +926,10 @@ def as_weight_tensor(weights: np.ndarray | None, like: Values, count: int) -> to
     return torch.from_numpy(weights).to(dtype=dtype, device=device)
 
 
+# Up to this many indices, a write looks for repeats with a Python set (see below).
+_SMALL_WRITE = 64
+
+
 def _last_occurrences(
     indices: np.ndarray, num_samples: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -933,13 +937,18 @@ def _last_occurrences(
     occurrence (the write that wins, as in a sequential loop); ``None`` when there are no
     repeats (every position wins, in the given order).
 
-    A sort of B integers finds repeats; with some, one sort of the keys index * B +
-    position groups each index's occurrences in order (np.unique would sort twice).
+    A Python set (for a few indices) or a sort finds repeats; with some, one sort of the
+    keys index * B + position groups each index's occurrences in order (np.unique would
+    sort twice).
     """
     size = indices.size
-    ordered = np.sort(indices)
-    if size < 2 or bool((ordered[1:] != ordered[:-1]).all()):
-        return indices, None
+    if size <= _SMALL_WRITE:  # a Python set is quicker than a sort for a few indices
+        if len(set(indices.tolist())) == size:
+            return indices, None
+    else:
+        ordered = np.sort(indices)
+        if bool((ordered[1:] != ordered[:-1]).all()):
+            return indices, None
     if num_samples * size >= 2**62:  # the keys would overflow int64
         unique, last_reversed = np.unique(indices[::-1], return_index=True)
         return unique, size - 1 - last_reversed
