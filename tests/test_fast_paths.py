@@ -189,3 +189,21 @@ def test_non_finite_loss_of_a_trusted_batch_is_refused_without_a_write() -> None
     # Finite losses whose sum overflows are still finite.
     sampler.update(batch, torch.full((4,), 1e308, dtype=torch.float64))
     assert sampler.num_updates == 1
+
+
+def test_cvar_levels_kept_per_fit_follow_each_fit() -> None:
+    # CVaR keeps its three levels beside the law, keyed by the fit: alternating fits (and
+    # table sizes) must give what a law with nothing kept gives.
+    rng = np.random.default_rng(11)
+    law = CVaR(alpha=0.3)
+    tables = [rng.random(50), rng.random(50) * 3.0, rng.random(80)]
+    fits = [law.fit(table) for table in tables]
+    probe = rng.random(40) * 3.0
+    for _ in range(2):
+        for table, fit in zip(tables, fits, strict=True):
+            fresh = CVaR(alpha=0.3)  # equal, but with nothing kept
+            np.testing.assert_array_equal(
+                law.leaf_logits(probe, fit, table.size), fresh.leaf_logits(probe, fit, table.size)
+            )
+            np.testing.assert_array_equal(law.log_target(probe, fit), fresh.log_target(probe, fit))
+    assert law == CVaR(alpha=0.3) and law.state() == CVaR(alpha=0.3).state()
