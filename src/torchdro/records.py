@@ -75,7 +75,7 @@ class DrawnBatch(list[int]):
     drawn log-probability and batch number; code that takes the whole batch reads the arrays
     instead: ``indices`` (int64, shape (B,)), ``log_probs`` (float64, shape (B,), natural log
     of p at draw time; NaN for a uniform warm-up draw) and ``batch_id`` (the sampler's
-    sequence number of the batch).
+    sequence number of the batch). The sampler yields both arrays read-only.
     """
 
     indices: np.ndarray
