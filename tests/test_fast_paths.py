@@ -45,7 +45,7 @@ def test_child_choice_matches_argmax(fanout: int, rows: int) -> None:
     assert (mass[np.arange(rows), chosen] > 0).all()  # never a child without mass
 
 
-@pytest.mark.parametrize("count", [1, 100, 511, 512, 5000])
+@pytest.mark.parametrize("count", [1, 95, 96, 511, 5000])
 def test_sorted_key_search_matches_searchsorted(count: int) -> None:
     rng = np.random.default_rng(count)
     cum = np.add.accumulate(rng.random(300) * (rng.random(300) < 0.7))

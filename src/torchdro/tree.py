@@ -34,7 +34,7 @@ _BELOW_ONE = 1.0 - 2.0**-52
 # From this many rows on, columns are added one by one (see _cumulate).
 _WIDE_ROWS = 256
 # From this many draws on, the top is searched with the keys in sorted order (see _search).
-_SORTED_KEYS = 512
+_SORTED_KEYS = 96
 # From this many rows on, a child is chosen by counting bytes (see _Chooser).
 _WORD_ROWS = 192
 
