@@ -33,9 +33,10 @@ _BUILD_CHUNK_ROWS = 1 << 16
 _BELOW_ONE = 1.0 - 2.0**-52
 # From this many rows on, columns are added one by one (see _cumulate).
 _WIDE_ROWS = 256
-# From this many draws on, the top is searched with the keys in sorted order (see _search).
+# From this many draws on, the top is searched with the keys in sorted order (see
+# _search_sorted).
 _SORTED_KEYS = 96
-# From this many rows on, a child is chosen by counting bytes (see _Chooser).
+# From this many rows on, a child is chosen by counting bytes (see _ByteCounter).
 _WORD_ROWS = 192
 
 
@@ -66,7 +67,7 @@ def _cumulate(rows: np.ndarray, shift: np.ndarray | None = None) -> tuple[np.nda
 
 
 def _choose_column(columns: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """``_Chooser``'s choice for cumulative masses given as columns (shape (fanout, B), from
+    """``_choose_rows``' choice for cumulative masses given as columns (shape (fanout, B), from
     ``_cumulate``): the number of entries of each column at or below its threshold, counted
     along the short axis, which numpy does quickly."""
     below = columns <= uniforms * columns[-1]
@@ -74,48 +75,47 @@ def _choose_column(columns: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     return chosen
 
 
-class _Chooser:
+def _choose_rows(cum: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """Per row of ``cum`` (cumulative masses, shape (B, fanout)), the first column whose
-    cumulative mass exceeds ``uniforms * total``: a child with mass, as ``uniforms < 1``.
+    cumulative mass exceeds ``uniforms * total``: a child with mass, as ``uniforms < 1``."""
+    chosen: np.ndarray = (cum > (uniforms * cum[:, -1])[:, None]).argmax(axis=1)
+    return chosen
 
-    ``argmax`` along short rows costs about 10 ns a row. For many rows, and a fan-out of 2,
-    4 or 8, the choice is counted instead: ``cum`` never decreases along a row, so the
-    column sought is the number of entries at or below the threshold; a row of the
-    comparison's booleans is one unsigned word of ``fanout`` bytes, each 0 or 1, and the
+
+class _ByteCounter:
+    """``_choose_rows`` for many rows and a fan-out of 2, 4 or 8, by counting.
+
+    ``argmax`` along short rows costs about 10 ns a row. Since ``cum`` never decreases along
+    a row, the column sought is the number of entries at or below the threshold; a row of
+    the comparison's booleans is one unsigned word of ``fanout`` bytes, each 0 or 1, and the
     word times 0x0101...01 holds their sum in its top byte (two elementwise calls). Both
     ways give the same column.
     """
 
     def __init__(self, fanout: int) -> None:
-        self.word: np.dtype[np.unsignedinteger[Any]] | None = None
-        if fanout in (2, 4, 8):
-            self.word = np.dtype(f"u{fanout}")
-            self.times = self.word.type(int.from_bytes(b"\x01" * fanout, "little"))
-            self.shift = self.word.type(8 * (fanout - 1))
+        if fanout not in (2, 4, 8):
+            raise ValueError(f"byte counting needs a fan-out of 2, 4 or 8, got {fanout}")
+        self.word: np.dtype[np.unsignedinteger[Any]] = np.dtype(f"u{fanout}")
+        self.times = self.word.type(int.from_bytes(b"\x01" * fanout, "little"))
+        self.shift = self.word.type(8 * (fanout - 1))
 
     def __call__(self, cum: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-        threshold = (uniforms * cum[:, -1])[:, None]
-        if self.word is None or cum.shape[0] < _WORD_ROWS:
-            chosen: np.ndarray = (cum > threshold).argmax(axis=1)
-            return chosen
-        words = (cum <= threshold).view(self.word)[:, 0]
+        words = (cum <= (uniforms * cum[:, -1])[:, None]).view(self.word)[:, 0]
         words *= self.times  # wraps around: the sum of the bytes lands in the top byte
         words >>= self.shift
         counted: np.ndarray = words.astype(np.int64)
         return counted
 
 
-def _search(cum: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """For each key, the first position of ``cum`` (non-decreasing) whose value exceeds it.
+def _search_sorted(cum: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``cum.searchsorted(keys, side="right")`` for many keys: for each key, the first
+    position of ``cum`` (non-decreasing) whose value exceeds it.
 
     A binary search per key mispredicts a branch at almost every step when the keys come
-    in random order (about 60 ns a key over a top of a few hundred nodes). Many keys are
+    in random order (about 60 ns a key over a top of a few hundred nodes). The keys are
     searched in sorted order instead, where consecutive searches take the same branches,
     and the results are put back in the keys' order: the same positions, found faster.
     """
-    if keys.size < _SORTED_KEYS:
-        found: np.ndarray = cum.searchsorted(keys, side="right")
-        return found
     order = keys.argsort()
     nodes = np.empty(keys.size, dtype=np.int64)
     nodes[order] = cum.searchsorted(keys[order], side="right")
@@ -146,7 +146,7 @@ class LogSumTree:
             raise ValueError(f"logits must be a non-empty 1-D array, got shape {logits.shape}")
         self.size = int(logits.size)
         self.fanout = int(fanout)
-        self._choose = _Chooser(self.fanout)
+        self._count_bytes = _ByteCounter(self.fanout) if self.fanout in (2, 4, 8) else None
         sizes = [self.size]
         while sizes[-1] > top_size:
             sizes.append(-(-sizes[-1] // fanout))
@@ -195,6 +195,7 @@ class LogSumTree:
         """
         self.levels[-1][indices] = logits
         nodes = indices
+        fanout, kept = self.fanout, len(self.cums)
         for depth in range(self.depth - 1, -1, -1):
             rows = self.rows[depth]
             if rows.shape[0] <= nodes.size:
@@ -203,10 +204,12 @@ class LogSumTree:
                 for above in range(depth, -1, -1):
                     self._reduce_level(above)
                 break
-            nodes = nodes // self.fanout
+            nodes = nodes // fanout
             top, columns = _cumulate(rows.take(nodes, axis=0))
-            self.levels[depth][nodes] = top + np.log(columns[-1])
-            if depth < len(self.cums):
+            parents = np.log(columns[-1])
+            parents += top
+            self.levels[depth][nodes] = parents
+            if depth < kept:
                 # Scattered from the columns as they are: no copy back into rows.
                 self.cums[depth].T[:, nodes] = columns
 
@@ -224,10 +227,18 @@ class LogSumTree:
         uniforms = uniforms * _BELOW_ONE
         log_total, top_cum = self._top()
         count = uniforms.shape[1]
-        nodes = _search(top_cum, uniforms[0] * top_cum[-1])
-        for depth, cums in enumerate(self.cums):
-            chosen = self._choose(cums.take(nodes, axis=0), uniforms[depth + 1])
-            nodes *= self.fanout
+        keys = uniforms[0] * top_cum[-1]
+        if count < _SORTED_KEYS:
+            nodes = top_cum.searchsorted(keys, side="right")
+        else:
+            nodes = _search_sorted(top_cum, keys)
+        choose = _choose_rows
+        if self._count_bytes is not None and count >= _WORD_ROWS:
+            choose = self._count_bytes
+        fanout = self.fanout
+        for cums, level_uniforms in zip(self.cums, uniforms[1:], strict=False):
+            chosen = choose(cums.take(nodes, axis=0), level_uniforms)
+            nodes *= fanout
             nodes += chosen
         if self.depth > 0:
             leaves, parents = self.rows[-1], self.levels[-2]
@@ -250,7 +261,7 @@ class LogSumTree:
         for start in range(0, rows.shape[0], _BUILD_CHUNK_ROWS):
             stop = min(start + _BUILD_CHUNK_ROWS, rows.shape[0])
             top, columns = _cumulate(rows[start:stop])
-            parent[start:stop] = top + np.log(columns[-1])
+            np.add(np.log(columns[-1]), top, out=parent[start:stop])
             if cums is not None:
                 cums[start:stop] = columns.T
 
