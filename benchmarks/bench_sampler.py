@@ -19,9 +19,12 @@ timed interleaved, step by step, in alternating order, so that a slow spell of t
 hits all of them alike; each figure is the median of ``perf_counter`` timings over R steps
 after a short warm-up (the naive method runs fewer steps at large N, never fewer than 5).
 Loss vectors are precomputed, so generating them is not timed. Bytes per example is
-``sampler.nbytes / N`` for torchdro; for torchrl it is the growth of the process's resident
-memory while its sampler is built and filled, divided by N (shown from N = 1e5 on, where it
-rises above noise).
+``sampler.nbytes / N`` for torchdro; for torchrl it is the growth of resident memory while
+its sampler is built and filled, divided by N (shown from N = 1e5 on, where it rises above
+noise). That is measured in a child process whose allocator maps every large block afresh
+(so that a reused block is not missed); the timing process keeps glibc's default
+allocator, as a training process has it: there, mapping each temporary of 128 KiB or more
+afresh would add page faults to every large-batch step of both libraries.
 
 Run from the repository root (``make bench`` does this in a venv that holds torchrl)::
 
@@ -43,6 +46,7 @@ import gc
 import importlib.metadata
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -185,24 +189,61 @@ def torchdro_step(n: int, batch: int, init: np.ndarray, losses: list[torch.Tenso
     return step
 
 
+def _torchrl_sampler(classes: Any, n: int, init: np.ndarray) -> Any:
+    """torchrl's sampler over the same law, filled with the initial priorities."""
+    prioritized = classes[0]
+    sampler = prioritized(n, alpha=1.0, beta=1.0, eps=0.0, dtype=torch.float64)
+    sampler.update_priority(torch.arange(n), torch.exp(BETA * torch.from_numpy(init)))
+    return sampler
+
+
 def torchrl_step(
     classes: Any, n: int, batch: int, init: np.ndarray, losses: list[torch.Tensor]
 ) -> Step:
     """torchrl's sampler over the same law and one public step: sample, update priorities."""
-    prioritized, tensor_storage = classes
-    storage = tensor_storage(torch.arange(n))
-    gc.collect()
-    before = _rss_bytes()
-    sampler = prioritized(n, alpha=1.0, beta=1.0, eps=0.0, dtype=torch.float64)
-    sampler.update_priority(torch.arange(n), torch.exp(BETA * torch.from_numpy(init)))
-    grown = _rss_bytes() - before
+    storage = classes[1](torch.arange(n))
+    sampler = _torchrl_sampler(classes, n, init)
 
     def step(k: int) -> None:
         index, _ = sampler.sample(storage, batch)
         sampler.update_priority(index, torch.exp(BETA * losses[k % len(losses)]))
 
-    step.nbytes = grown if n >= RSS_MIN_N and before > 0 else None  # type: ignore[attr-defined]
     return step
+
+
+def _torchrl_memory_here(sizes: Sequence[int]) -> dict[int, float]:
+    """In a child process: bytes per example of torchrl's filled sampler, per N."""
+    _fix_mmap_threshold()
+    torch.set_num_threads(1)
+    classes, _ = load_torchrl()
+    result: dict[int, float] = {}
+    if classes is None:
+        return result
+    for n in sizes:
+        if n < RSS_MIN_N:
+            continue
+        init = np.random.default_rng(SEED).random(n)
+        storage = classes[1](torch.arange(n))  # the data, not the sampler: not counted
+        gc.collect()
+        before = _rss_bytes()
+        held = _torchrl_sampler(classes, n, init)
+        grown = _rss_bytes() - before
+        if before > 0:
+            result[n] = grown / n
+        del held, init, storage
+        gc.collect()
+    return result
+
+
+def torchrl_memory(sizes: Sequence[int]) -> dict[int, float]:
+    """Bytes per example of torchrl's sampler for each N >= RSS_MIN_N, measured in a fresh
+    child process (see the module docstring); empty where it cannot be measured."""
+    if not any(n >= RSS_MIN_N for n in sizes):
+        return {}
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        measured: dict[int, float] = pool.apply(_torchrl_memory_here, (list(sizes),))
+    return measured
 
 
 def naive_step(n: int, batch: int, init: np.ndarray, losses: np.ndarray) -> Step:
@@ -230,7 +271,13 @@ def _timed(step: Step, k: int) -> float:
 
 
 def run_config(
-    n: int, batch: int, init: np.ndarray, repeats: int, torchrl: Any, naive_max_n: int
+    n: int,
+    batch: int,
+    init: np.ndarray,
+    repeats: int,
+    torchrl: Any,
+    naive_max_n: int,
+    torchrl_bytes: float | None = None,
 ) -> ConfigResult:
     """Build every sampler for (n, batch), time them interleaved, then free them."""
     torch.manual_seed(SEED)
@@ -259,7 +306,6 @@ def run_config(
                 samples[name].append(elapsed)
     median = {name: statistics.median(times) * 1e6 for name, times in samples.items() if times}
     torchrl_us = median.get("torchrl")
-    torchrl_bytes = getattr(steps.get("torchrl"), "nbytes", None)
     result = ConfigResult(
         n=n,
         batch=batch,
@@ -270,7 +316,7 @@ def run_config(
         naive_us=median.get("naive"),
         naive_repeats=naive_repeats,
         torchdro_bytes_per_example=steps["torchdro"].nbytes / n,  # type: ignore[attr-defined]
-        torchrl_bytes_per_example=None if torchrl_bytes is None else torchrl_bytes / n,
+        torchrl_bytes_per_example=torchrl_bytes if torchrl_us is not None else None,
     )
     del steps
     gc.collect()
@@ -457,11 +503,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats: int = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     # One thread for every library: torchrl's tensors and torchdro's weights alike.
     torch.set_num_threads(1)
-    _fix_mmap_threshold()
     torchrl, why_not = load_torchrl()
     if torchrl is None:
         print(f"torchrl is not usable here, its columns stay empty ({why_not})", file=sys.stderr)
     wall_start = time.perf_counter()
+    torchrl_bytes = torchrl_memory(sizes) if torchrl is not None else {}
 
     results: list[ConfigResult] = []
     with tqdm(total=len(sizes) * len(batches), desc="configs", file=sys.stderr) as bar:
@@ -470,7 +516,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             init = np.random.default_rng(SEED).random(n)
             for batch in batches:
                 bar.set_postfix_str(f"N={_fmt_n(n)} B={batch}")
-                results.append(run_config(n, batch, init, repeats, torchrl, args.naive_max_n))
+                results.append(
+                    run_config(
+                        n, batch, init, repeats, torchrl, args.naive_max_n, torchrl_bytes.get(n)
+                    )
+                )
                 bar.update()
             del init
 
@@ -507,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "beta": BETA,
                 "seed": SEED,
                 "torchrl_dtype": "float64",
+                "torchrl_memory": "measured in a child process, M_MMAP_THRESHOLD = 128 KiB",
+                "timing_allocator": "glibc default",
             },
             "environment": _environment(),
             "torchrl_unavailable": why_not,

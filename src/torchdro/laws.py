@@ -90,8 +90,19 @@ def _three_levels(
     losses: np.ndarray, eta: float, below: float, equal: float, above: float
 ) -> np.ndarray:
     """below / equal / above according as each loss is <, == or > eta, in two numpy calls."""
-    edges = np.array([eta, np.nextafter(eta, np.inf)])
-    return np.array([below, equal, above])[edges.searchsorted(losses, side="right")]
+    return _levels_at(losses, *_level_arrays(eta, below, equal, above))
+
+
+def _level_arrays(
+    eta: float, below: float, equal: float, above: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``_three_levels``' two constant arrays: the edges around eta and the three values."""
+    return np.array([eta, math.nextafter(eta, math.inf)]), np.array([below, equal, above])
+
+
+def _levels_at(losses: np.ndarray, edges: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    found: np.ndarray = levels[edges.searchsorted(losses, side="right")]
+    return found
 
 
 def _log_sum_exp(values: np.ndarray) -> float:
@@ -147,7 +158,7 @@ class Law(ABC):
             fit: a fit of this law.
 
         Returns:
-            shape (M,); -inf where q has no mass.
+            a new array of shape (M,); -inf where q has no mass.
         """
 
     @abstractmethod
@@ -331,20 +342,30 @@ class CVaR(Law):
         return LawFit((eta, cap, boundary), math.log(above * cap + ties * boundary))
 
     def log_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
-        eta, cap, boundary = self._check_fit(fit, 3)
-        return _three_levels(losses, eta, -math.inf, math.log(boundary), math.log(cap))
+        # The three levels are computed once per fit, like the leaf logits' below.
+        kept = self.__dict__.get("_target_levels")
+        if kept is None or kept[0] is not fit:
+            eta, cap, boundary = self._check_fit(fit, 3)
+            arrays = _level_arrays(eta, -math.inf, math.log(boundary), math.log(cap))
+            kept = self.__dict__["_target_levels"] = (fit, *arrays)
+        return _levels_at(losses, kept[1], kept[2])
 
     def leaf_logits(self, losses: np.ndarray, fit: LawFit, num_samples: int) -> np.ndarray:
-        # Same values as Law.leaf_logits; the law takes three values, computed once as
-        # scalars, so that an update costs two numpy calls.
-        eta, cap, boundary = self._check_fit(fit, 3)
-        return _three_levels(
-            losses,
-            eta,
-            self._mixed(-math.inf, num_samples),
-            self._mixed(math.log(boundary) - fit.log_norm, num_samples),
-            self._mixed(math.log(cap) - fit.log_norm, num_samples),
-        )
+        # Same values as Law.leaf_logits; the law takes three values, computed as scalars
+        # once per fit (kept beside the law, keyed by the fit object), so that an update
+        # costs two numpy calls.
+        kept = self.__dict__.get("_leaf_levels")
+        if kept is None or kept[0] is not fit or kept[1] != num_samples:
+            eta, cap, boundary = self._check_fit(fit, 3)
+            arrays = _level_arrays(
+                eta,
+                self._mixed(-math.inf, num_samples),
+                self._mixed(math.log(boundary) - fit.log_norm, num_samples),
+                self._mixed(math.log(cap) - fit.log_norm, num_samples),
+            )
+            # A frozen dataclass: a cache outside its fields (not compared, not saved).
+            kept = self.__dict__["_leaf_levels"] = (fit, num_samples, *arrays)
+        return _levels_at(losses, kept[2], kept[3])
 
     def _value(self, table: np.ndarray, q: np.ndarray, fit: LawFit) -> float:
         return float(q @ table)

@@ -75,16 +75,28 @@ class DrawnBatch(list[int]):
     drawn log-probability and batch number; code that takes the whole batch reads the arrays
     instead: ``indices`` (int64, shape (B,)), ``log_probs`` (float64, shape (B,), natural log
     of p at draw time; NaN for a uniform warm-up draw) and ``batch_id`` (the sampler's
-    sequence number of the batch).
+    sequence number of the batch). The sampler yields both arrays read-only.
     """
 
     indices: np.ndarray
     log_probs: np.ndarray
     batch_id: int
+    #: The token of the table that drew this batch (``None`` for one built by hand or
+    #: unpickled): ``update`` trusts the arrays of its own batches and does not re-check
+    #: them. Pickling drops it, so a batch that travelled through a process is checked.
+    source: object | None
 
-    def __init__(self, indices: np.ndarray, log_probs: np.ndarray, batch_id: int) -> None:
+    def __init__(
+        self,
+        indices: np.ndarray,
+        log_probs: np.ndarray,
+        batch_id: int,
+        *,
+        source: object | None = None,
+    ) -> None:
         super().__init__(indices.tolist())
         self.indices, self.log_probs, self.batch_id = indices, log_probs, batch_id
+        self.source = source
 
     def __getitem__(self, position: Any) -> Any:
         if isinstance(position, slice):

@@ -240,7 +240,8 @@ class HardnessWeightedSampler(Sampler[list[int]]):
             self._start_epoch()
         for batch in self.in_flight.replays():
             yield self._local_batch(batch)
-        while self.stream.in_epoch and self.stream.position < len(self):
+        length = len(self)  # fixed within an epoch: its settings change only between epochs
+        while self.stream.in_epoch and self.stream.position < length:
             indices, log_probs = self._next_indices()
             batch = Batch(self.stream.advance(self._global_batch), indices, log_probs)
             self.in_flight.remember(batch)
@@ -250,11 +251,14 @@ class HardnessWeightedSampler(Sampler[list[int]]):
     def _local_batch(self, batch: Batch) -> DrawnBatch:
         # Every rank draws the same global batch; each keeps its own contiguous slice.
         indices, log_probs = batch.indices, batch.log_probs
+        # Read-only: the yielded batch shares these arrays, and update trusts them.
+        indices.flags.writeable = False
+        log_probs.flags.writeable = False
         if self.world_size > 1:
             size = self.stream.settings.batch_size
             part = slice(self.rank * size, (self.rank + 1) * size)
             indices, log_probs = indices[part], log_probs[part]
-        return DrawnBatch(indices, log_probs, batch.batch_id)
+        return DrawnBatch(indices, log_probs, batch.batch_id, source=self.table.token)
 
     def _start_epoch(self) -> None:
         if (
@@ -321,15 +325,18 @@ class HardnessWeightedSampler(Sampler[list[int]]):
                 self._sync.gather_updates(None, None, None, self.stream.settings.batch_size)
             raise
         weights = self.table.importance_weights(checked)
-        index_array, loss_array, batch_ids = checked.indices, checked.losses, checked.batch_ids
+        index_array, loss_array = checked.indices, checked.losses
         if self._sync is not None:
             index_array, loss_array, rank_ids = self._sync.gather_updates(
-                index_array, loss_array, batch_ids, self.stream.settings.batch_size
+                index_array, loss_array, checked.all_batch_ids(), self.stream.settings.batch_size
             )
-            batch_ids = np.concatenate(rank_ids)
             _check_ranks_in_step(rank_ids)
-        self.table.apply(index_array, loss_array)
-        fresh = self.in_flight.acknowledge(index_array, batch_ids)
+            # Another rank's losses may be non-finite (nonfinite="skip"): apply checks them.
+            self.table.apply(index_array, loss_array)
+            fresh = self.in_flight.acknowledge(index_array, np.concatenate(rank_ids))
+        else:
+            self.table.apply(index_array, loss_array, checked.finite)
+            fresh = self.in_flight.acknowledge(index_array, checked.batch_ids, checked.batch)
         if not fresh and not self._warned_double_update:
             self._warned_double_update = True
             warn_user(
@@ -337,7 +344,7 @@ class HardnessWeightedSampler(Sampler[list[int]]):
                 "again. Call update() once per batch.",
                 RuntimeWarning,
             )
-        return as_weight_tensor(weights, losses)
+        return as_weight_tensor(weights, losses, checked.indices.size)
 
     def weights(
         self,

@@ -202,14 +202,17 @@ class InFlightBatches:
         """Whether checkpointed batches wait to be yielded again."""
         return bool(self._replay)
 
-    def acknowledge(self, indices: np.ndarray, batch_ids: np.ndarray | None) -> bool:
+    def acknowledge(
+        self, indices: np.ndarray, batch_ids: np.ndarray | None, batch: int | None = None
+    ) -> bool:
         """Mark the updated batch as consumed. Returns False when it had been updated before.
 
-        With batch ids the match is exact. Without, an in-order loader returns batches as
-        drawn: the match is among the oldest few in flight, and any older one was skipped by
-        the loop; the window keeps this O(1).
+        ``batch`` names the one batch of every entry when that is known (a ``DrawnBatch``);
+        otherwise ``batch_ids`` give each entry's. With batch ids the match is exact.
+        Without, an in-order loader returns batches as drawn: the match is among the oldest
+        few in flight, and any older one was skipped by the loop; the window keeps this O(1).
         """
-        ids = _known_ids(batch_ids)
+        ids = _known_ids(batch_ids) if batch is None else [batch] if batch >= 0 else []
         if ids:
             fresh = True
             for batch_id in ids:
@@ -218,8 +221,10 @@ class InFlightBatches:
                 self._recent.append(batch_id)
             return fresh
         window = itertools.islice(self._pending.values(), _MATCH_WINDOW)
-        for position, batch in enumerate(window):
-            if batch.indices.size == indices.size and np.array_equal(batch.indices, indices):
+        for position, candidate in enumerate(window):
+            if candidate.indices.size == indices.size and np.array_equal(
+                candidate.indices, indices
+            ):
                 for _ in range(position + 1):
                     self._pending.popitem(last=False)
                 return True

@@ -38,7 +38,7 @@ from torchdro._validation import (
 from torchdro._warnings import warn_user
 from torchdro.laws import KL, ChiSquare, CVaR, Law, LawFit, group_values, law_from_state
 from torchdro.losses import dro_loss
-from torchdro.records import DrawInfo, Indices, Values, unpack
+from torchdro.records import DrawInfo, DrawnBatch, Indices, Values, unpack
 from torchdro.tree import REMOVED, LogSumTree
 
 __all__ = ["LossTable", "SamplerCollapseWarning", "TableSettings"]
@@ -121,6 +121,14 @@ class CheckedUpdate(NamedTuple):
     losses: np.ndarray  # float64, capped at max_loss; non-finite only under nonfinite="skip"
     drawn: np.ndarray | None  # float64 log p at draw time, NaN for a uniform draw
     batch_ids: np.ndarray | None  # int64 sequence numbers of the batches, -1 if unknown
+    finite: bool  # every loss is finite (the usual case: no masks needed downstream)
+    batch: int | None = None  # the one batch every entry belongs to, when known as such
+
+    def all_batch_ids(self) -> np.ndarray | None:
+        """``batch_ids`` as an array of shape (B,) (built from ``batch`` if need be)."""
+        if self.batch_ids is None and self.batch is not None:
+            return np.full(self.indices.size, self.batch, dtype=np.int64)
+        return self.batch_ids
 
 
 def _effective_sample_size(log_p: np.ndarray) -> float:
@@ -130,10 +138,17 @@ def _effective_sample_size(log_p: np.ndarray) -> float:
 
 
 def _self_normalised(log_ratio: np.ndarray) -> np.ndarray:
-    """exp(log_ratio - logsumexp(log_ratio) + log B): weights with mean 1, in the log domain."""
+    """exp(log_ratio - logsumexp(log_ratio) + log B): weights with mean 1, in the log domain;
+    all 0 when every log_ratio is -inf (every draw outside the support: a zero step).
+    Overwrites ``log_ratio`` (shape (B,)) and returns it."""
     peak = log_ratio.max()
-    shifted = log_ratio - peak
-    weights: np.ndarray = np.exp(shifted - np.log(np.exp(shifted).sum()) + math.log(log_ratio.size))
+    if peak == -np.inf:
+        return np.zeros(log_ratio.size)
+    shifted = np.subtract(log_ratio, peak, out=log_ratio)
+    total = np.exp(shifted).sum()
+    shifted -= np.log(total)
+    shifted += math.log(log_ratio.size)
+    weights: np.ndarray = np.exp(shifted, out=shifted)
     return weights
 
 
@@ -171,6 +186,10 @@ class LossTable:
             raise ValueError("within_beta draws by hardness within groups: it needs groups=")
         self.seed = seed
         self._rng = np.random.Generator(np.random.PCG64(seed))
+        #: Marks the batches this table drew (``DrawnBatch.source``): their index and
+        #: log-probability arrays are valid by construction and read-only, so ``update``
+        #: does not check them again.
+        self.token = object()
         n = settings.num_samples
         if shared:
             self._losses = np.frombuffer(multiprocessing.RawArray("d", n), dtype=np.float64)
@@ -289,9 +308,11 @@ class LossTable:
         self._fit, self._group_fit = fit, group_fit
         self._tree.rebuild(self._leaves(None))
 
-    def _leaves(self, indices: np.ndarray | None) -> np.ndarray:
-        """The tree's leaf logits of these examples (None: all) under the frozen fit."""
-        values = self._losses if indices is None else self._losses[indices]
+    def _leaves(self, indices: np.ndarray | None, values: np.ndarray | None = None) -> np.ndarray:
+        """The tree's leaf logits of these examples (None: all) under the frozen fit;
+        ``values``, when given, are their losses in the table (spares a gather)."""
+        if values is None:
+            values = self._losses if indices is None else self._losses[indices]
         if self._group_fit is not None and self._groups is not None:
             ids = self._groups.ids if indices is None else self._groups.ids[indices]
             within = self._settings.within_beta
@@ -371,8 +392,8 @@ class LossTable:
         """
         checked = self.check_update(indices, losses, drawn_log_probs)
         weights = self.importance_weights(checked)
-        self.apply(checked.indices, checked.losses)
-        return as_weight_tensor(weights, losses)
+        self.apply(checked.indices, checked.losses, checked.finite)
+        return as_weight_tensor(weights, losses, checked.indices.size)
 
     def weights(
         self,
@@ -382,7 +403,7 @@ class LossTable:
     ) -> torch.Tensor:
         """The importance weights ``update`` would return, without writing anything."""
         checked = self.check_update(indices, losses, drawn_log_probs)
-        return as_weight_tensor(self.importance_weights(checked), losses)
+        return as_weight_tensor(self.importance_weights(checked), losses, checked.indices.size)
 
     def check_update(
         self,
@@ -391,19 +412,17 @@ class LossTable:
         drawn_log_probs: Values | None,
     ) -> CheckedUpdate:
         """Validate an update's input (nothing changes): clear errors naming the problem."""
+        if type(indices) is DrawnBatch and indices.source is self.token and drawn_log_probs is None:
+            # A batch this table drew: its arrays are valid and read-only; only the losses
+            # need checking.
+            index_array = indices.indices
+            loss_array, finite = self._check_losses(losses, index_array)
+            return CheckedUpdate(
+                index_array, loss_array, indices.log_probs, None, finite, indices.batch_id
+            )
         raw_indices, drawn_raw, batch_ids = unpack(indices, drawn_log_probs)
         index_array = check_indices(raw_indices, self.num_samples)
-        loss_array = check_real_vector(losses, index_array.size, "losses")
-        bad = ~np.isfinite(loss_array)
-        if bad.any() and self._settings.nonfinite == "raise":
-            raise ValueError(
-                "losses must be finite: NaN or inf for example(s) "
-                f"{describe_positions(index_array[bad])} (batch position(s) "
-                f"{describe_positions(np.flatnonzero(bad))}). Pass nonfinite='skip' to keep "
-                "their stale losses and give them weight 0 instead; see docs/custom-loop.md"
-            )
-        if self._settings.max_loss is not None:
-            loss_array = np.minimum(loss_array, self._settings.max_loss)
+        loss_array, finite = self._check_losses(losses, index_array)
         drawn = None
         if drawn_raw is not None:
             drawn = to_numpy(drawn_raw)
@@ -417,18 +436,39 @@ class LossTable:
                 raise ValueError("drawn_log_probs must be finite or NaN, found inf")
         if batch_ids is not None and batch_ids.shape != index_array.shape:
             raise ValueError("DrawInfo.batch must have one entry per index")
-        return CheckedUpdate(index_array, loss_array, drawn, batch_ids)
+        return CheckedUpdate(index_array, loss_array, drawn, batch_ids, finite)
 
-    def importance_weights(self, update: CheckedUpdate) -> np.ndarray:
+    def _check_losses(self, losses: Values, indices: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The losses as float64 of shape (B,), capped at ``max_loss``, and whether all are
+        finite; a ValueError naming the examples for a non-finite one under "raise"."""
+        loss_array = check_real_vector(losses, indices.size, "losses")
+        # A sum is finite only if every term is: one reduction in the usual case, and the
+        # elementwise test only when the sum is not finite (or overflowed).
+        finite = math.isfinite(np.add.reduce(loss_array)) or bool(np.isfinite(loss_array).all())
+        if not finite and self._settings.nonfinite == "raise":
+            bad = ~np.isfinite(loss_array)
+            raise ValueError(
+                "losses must be finite: NaN or inf for example(s) "
+                f"{describe_positions(indices[bad])} (batch position(s) "
+                f"{describe_positions(np.flatnonzero(bad))}). Pass nonfinite='skip' to keep "
+                "their stale losses and give them weight 0 instead; see docs/custom-loop.md"
+            )
+        if self._settings.max_loss is not None:
+            loss_array = np.minimum(loss_array, self._settings.max_loss)
+        return loss_array, finite
+
+    def importance_weights(self, update: CheckedUpdate) -> np.ndarray | None:
         """Weights of shape (B,), float64: ones, or with ``importance_weights`` the
         self-normalised p_target / p_drawn (mean 1 over the finite entries, before clipping).
-        Entries whose loss is not finite get weight 0."""
+        Entries whose loss is not finite get weight 0. ``None`` stands for all ones."""
         law = self._settings.law
         losses = update.losses
         if self._settings.importance_weights:
             target = losses  # the fresh losses: corrects staleness and exploration
         elif law.exploration > 0.0:
             target = self._losses[update.indices]  # the stale ones: corrects exploration only
+        elif update.finite:
+            return None
         else:
             ones: np.ndarray = np.isfinite(losses).astype(np.float64)
             return ones
@@ -436,22 +476,25 @@ class LossTable:
         drawn: np.ndarray = (
             self._tree.leaf_logits(update.indices) if update.drawn is None else update.drawn
         )
+        clip = self._settings.clip_weights
+        if update.finite and not math.isnan(np.add.reduce(drawn)):
+            # Every loss finite and every entry drawn by hardness (the usual case): no masks.
+            log_ratio = self._log_target(update.indices, target)
+            log_ratio -= drawn
+            weights: np.ndarray = _self_normalised(log_ratio)
+            if clip is not None:
+                np.clip(weights, *clip, out=weights)
+            return weights
         # NaN drawn: a uniform warm-up draw, which keeps weight 1; non-finite loss: weight 0.
         finite = np.isfinite(losses)
-        weights: np.ndarray = finite.astype(np.float64)
+        weights = finite.astype(np.float64)
         hard = finite & (drawn == drawn)
-        every = bool(hard.all())
-        if every or hard.any():
-            # Every entry hard (the usual case): views instead of boolean copies.
-            part: slice | np.ndarray = slice(None) if every else hard
-            log_ratio = self._log_target(update.indices[part], target[part])
-            log_ratio -= drawn[part]
-            if log_ratio.max() == -np.inf:
-                weights[part] = 0.0  # every draw outside the support: a zero step
-            else:
-                weights[part] = _self_normalised(log_ratio)
-            if self._settings.clip_weights is not None:
-                np.clip(weights, *self._settings.clip_weights, out=weights, where=hard)
+        if hard.any():
+            log_ratio = self._log_target(update.indices[hard], target[hard])
+            log_ratio -= drawn[hard]
+            weights[hard] = _self_normalised(log_ratio)
+            if clip is not None:
+                np.clip(weights, *clip, out=weights, where=hard)
         return weights
 
     def _log_target(self, indices: np.ndarray, losses: np.ndarray) -> np.ndarray:
@@ -462,15 +505,18 @@ class LossTable:
             if self._settings.within_beta:
                 log_target = log_target + self._settings.within_beta * losses
             return log_target
-        return np.array(self._settings.law.log_target(losses, self._fit), dtype=np.float64)
+        # A new array (Law.log_target's contract), which the caller overwrites.
+        return np.asarray(self._settings.law.log_target(losses, self._fit), dtype=np.float64)
 
-    def apply(self, indices: np.ndarray, losses: np.ndarray) -> None:
+    def apply(self, indices: np.ndarray, losses: np.ndarray, finite: bool = False) -> None:
         """Write checked losses (repeats applied in order; non-finite entries skipped and
-        counted), then refit the law if ``refit_interval`` says so."""
-        finite = np.isfinite(losses)
-        if not finite.all():
-            self._num_skipped += int((~finite).sum())
-            indices, losses = indices[finite], losses[finite]
+        counted), then refit the law if ``refit_interval`` says so. ``finite=True`` vouches
+        that every loss is finite (``CheckedUpdate.finite``), which spares a pass."""
+        if not finite:
+            mask = np.isfinite(losses)
+            if not mask.all():
+                self._num_skipped += int((~mask).sum())
+                indices, losses = indices[mask], losses[mask]
         self._write(indices, losses)
         settings = self._settings
         if (
@@ -487,15 +533,15 @@ class LossTable:
         self._num_updates = step + 1
         if self._settings.momentum == 0.0:
             # The last occurrence of a repeated index wins, as in a sequential loop.
-            unique, last_reversed = np.unique(indices[::-1], return_index=True)
-            values = losses[::-1][last_reversed]
+            unique, last = _last_occurrences(indices, self.num_samples)
+            values = losses if last is None else losses[last]
         else:
             unique, values = self._ema(indices, losses)
         self._losses[unique] = values
         self._last_update[unique] = step
         if self._groups is None or self._settings.within_beta:
             # Uniform within groups, a leaf changes only when the group law is refitted.
-            self._tree.set(unique, self._leaves(unique))
+            self._tree.set(unique, self._leaves(unique, values))
 
     def _ema(self, indices: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Occurrences of a repeated index are folded in order, one round per repetition.
@@ -859,9 +905,61 @@ def _nominal_share(law: Law) -> float:
     return 1.0
 
 
-def as_weight_tensor(weights: np.ndarray, like: Values) -> torch.Tensor:
-    """Weights as a tensor on ``like``'s device, in its floating dtype (float32 otherwise)."""
+# Weight dtypes cast in numpy (float16 is left to torch: its rounding from float64 may
+# differ from numpy's in the last bit).
+_TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def as_weight_tensor(weights: np.ndarray | None, like: Values, count: int) -> torch.Tensor:
+    """Weights (None: ``count`` ones) as a tensor on ``like``'s device, in its floating
+    dtype (float32 otherwise)."""
+    dtype, device = torch.float32, None
     if isinstance(like, torch.Tensor):
         dtype = like.dtype if like.is_floating_point() else torch.float32
-        return torch.as_tensor(weights, dtype=torch.float64).to(dtype=dtype, device=like.device)
-    return torch.as_tensor(weights, dtype=torch.float32)
+        device = like.device
+    if weights is None:
+        return torch.ones(count, dtype=dtype, device=device)
+    as_numpy = _TORCH_TO_NUMPY.get(dtype)
+    if as_numpy is not None and (device is None or device.type == "cpu"):
+        # Cast in numpy and wrap: one conversion, the same rounding as torch's.
+        return torch.from_numpy(weights.astype(as_numpy, copy=False))
+    return torch.from_numpy(weights).to(dtype=dtype, device=device)
+
+
+# Up to this many indices, a write looks for repeats with a Python set (see below).
+_SMALL_WRITE = 64
+
+
+def _last_occurrences(
+    indices: np.ndarray, num_samples: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The distinct indices of a write, and the batch position of each one's last
+    occurrence (the write that wins, as in a sequential loop); ``None`` when there are no
+    repeats (every position wins, in the given order).
+
+    A Python set (for a few indices) or a sort finds repeats; with some, one sort of the
+    keys index * B + position groups each index's occurrences in order (np.unique would
+    sort twice).
+    """
+    size = indices.size
+    if size <= _SMALL_WRITE:  # a Python set is quicker than a sort for a few indices
+        if len(set(indices.tolist())) == size:
+            return indices, None
+    else:
+        ordered = np.sort(indices)
+        if bool((ordered[1:] != ordered[:-1]).all()):
+            return indices, None
+    if num_samples * size >= 2**62:  # the keys would overflow int64
+        unique, last_reversed = np.unique(indices[::-1], return_index=True)
+        return unique, size - 1 - last_reversed
+    keys = indices * size
+    keys += np.arange(size)
+    keys.sort()
+    owner = keys // size
+    last = np.empty(size, dtype=bool)
+    last[-1] = True
+    np.not_equal(owner[1:], owner[:-1], out=last[:-1])
+    keys = keys[last]
+    unique = owner[last]
+    keys -= unique * size
+    return unique, keys
