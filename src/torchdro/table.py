@@ -137,10 +137,9 @@ def _effective_sample_size(log_p: np.ndarray) -> float:
     return float(np.exp(-(peak + np.log(np.exp(doubled - peak).sum()))))
 
 
-# ``LossTable._linear_weights`` falls back to the log domain when a drawn log-probability
-# exceeds this (exp(-drawn) would come near the subnormal range) or when the sum of the
-# linear ratios is below this (dividing by it could lose digits).
-_LINEAR_MAX_DRAWN = 700.0
+# ``LossTable._linear_weights`` falls back to the log domain when the sum of its linear
+# ratios is below this: a ratio under 1e-308 (subnormal, fewer digits) then weighs less
+# than 1e-28 of the sum, so the linear weights stay equal to the log domain's.
 _LINEAR_MIN_TOTAL = 1e-280
 
 
@@ -484,11 +483,11 @@ class LossTable:
             self._tree.leaf_logits(update.indices) if update.drawn is None else update.drawn
         )
         clip = self._settings.clip_weights
-        # The largest drawn log-probability; NaN when an entry was drawn uniformly (warm-up).
-        top = np.maximum.reduce(drawn, initial=-math.inf)
-        if update.finite and not math.isnan(top):
+        # The smallest drawn log-probability; NaN when an entry was drawn uniformly (warm-up).
+        low = np.minimum.reduce(drawn, initial=math.inf)
+        if update.finite and not math.isnan(low):
             # Every loss finite and every entry drawn by hardness (the usual case): no masks.
-            linear = self._linear_weights(target, drawn, top)
+            linear = self._linear_weights(target, drawn, low)
             if linear is not None:
                 weights: np.ndarray = linear
             else:
@@ -511,33 +510,33 @@ class LossTable:
         return weights
 
     def _linear_weights(
-        self, losses: np.ndarray, drawn: np.ndarray, top: float
+        self, losses: np.ndarray, drawn: np.ndarray, low: float
     ) -> np.ndarray | None:
         """``_self_normalised(log q~ − drawn)`` computed in the linear domain, for laws with
-        a ``linear_target`` (CVaR, chi-square) and no groups: r = q~(l) exp(−drawn),
-        weights r B / Σ r, in five numpy calls instead of a dozen. None (use the log domain)
-        for other laws, or where the linear domain could lose digits: a drawn log-probability
-        above ``_LINEAR_MAX_DRAWN`` (exp(−drawn) would be subnormal; a log-probability is
-        <= 0), or a sum that overflows or is too small to divide by without losing digits.
+        a ``linear_target`` (CVaR, chi-square) and no groups: r = q~(l) exp(low − drawn)
+        (each factor <= 1, so nothing overflows), weights r B / Σ r; five numpy calls
+        instead of a dozen. None (use the log domain) for other laws, and where the sum is
+        below ``_LINEAR_MIN_TOTAL`` (all zero: every draw outside the support; or so small
+        that dividing by it could lose digits).
 
         Args:
             losses: shape (B,): the losses to weigh the examples by (fresh or stale).
             drawn: shape (B,), natural log of the probability each was drawn with (finite).
-            top: ``drawn.max()``.
+            low: ``drawn.min()``.
 
         Returns:
             shape (B,), float64 with mean 1, or None.
         """
-        if self._group_fit is not None or top > _LINEAR_MAX_DRAWN:
+        if self._group_fit is not None:
             return None
         ratio = self._settings.law.linear_target(losses, self._fit)
         if ratio is None:
             return None
-        scale = np.negative(drawn)
+        scale = np.subtract(low, drawn)
         ratio *= np.exp(scale, out=scale)
         total = float(np.add.reduce(ratio))
         if not _LINEAR_MIN_TOTAL <= total < math.inf:
-            return None  # including all zero (every draw outside the support)
+            return None
         ratio *= ratio.size / total
         return ratio
 
