@@ -493,14 +493,15 @@ class ChiSquare(Law):
     def log_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
         target = self.linear_target(losses, fit)
         with np.errstate(divide="ignore"):  # log 0 = -inf: no mass below eta
-            return np.log(target, out=target)
+            logs: np.ndarray = np.log(target, out=target)
+        return logs
 
     def linear_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
         # (L − eta)_+ with eta taken relative to the table's maximum (``fit.params``).
         shift, eta, lam = self._check_fit(fit, 3)
         if lam == math.inf:
             return np.ones(np.shape(losses))
-        excess = np.subtract(losses, shift, dtype=np.float64)
+        excess: np.ndarray = np.subtract(losses, shift, dtype=np.float64)
         if lam == 0.0:
             return _three_levels(excess, eta, 0.0, 1.0, 1.0)
         excess -= eta
