@@ -514,10 +514,11 @@ class LossTable:
     ) -> np.ndarray | None:
         """``_self_normalised(log q~ − drawn)`` computed in the linear domain, for laws with
         a ``linear_target`` (CVaR, chi-square) and no groups: r = q~(l) exp(low − drawn)
-        (each factor <= 1, so nothing overflows), weights r B / Σ r; five numpy calls
-        instead of a dozen. None (use the log domain) for other laws, and where the sum is
-        below ``_LINEAR_MIN_TOTAL`` (all zero: every draw outside the support; or so small
-        that dividing by it could lose digits).
+        (the exponential is at most 1, so r stays within q~'s loss scale and nothing
+        overflows; a tiny exponential only means a negligible weight), weights r B / Σ r;
+        five numpy calls instead of a dozen. None (use the log domain) for other laws, and
+        where the sum is below ``_LINEAR_MIN_TOTAL`` (all zero: every draw outside the
+        support; or so small that dividing by it could lose digits).
 
         Args:
             losses: shape (B,): the losses to weigh the examples by (fresh or stale).
