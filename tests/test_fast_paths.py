@@ -2,8 +2,9 @@
 
 Each shortcut of the public step (issue 13) is checked against the plain computation it
 replaces, with fixed seeds: the tree's child choice, row maxima and sorted-key search, the
-"last write wins" of repeated indices, the weight tensor, and an update that trusts the
-arrays of a batch the sampler drew itself.
+"last write wins" of repeated indices, the weight tensor, an update that trusts the
+arrays of a batch the sampler drew itself, and the linear-domain importance weights of CVaR
+and chi-square (issue 15), which equal the log-domain formula to rounding.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import pytest
 import torch
 
 from torchdro import HardnessWeightedSampler
-from torchdro.laws import CVaR
+from torchdro.laws import KL, ChiSquare, CVaR, Law
 from torchdro.records import DrawnBatch
-from torchdro.table import _last_occurrences, as_weight_tensor
+from torchdro.table import _last_occurrences, _self_normalised, as_weight_tensor
 from torchdro.tree import LogSumTree, _ByteCounter, _choose_rows, _search_sorted
 
 # ---------------------------------------------------------------- the tree's steps
@@ -209,3 +210,93 @@ def test_cvar_levels_kept_per_fit_follow_each_fit() -> None:
             )
             np.testing.assert_array_equal(law.log_target(probe, fit), fresh.log_target(probe, fit))
     assert law == CVaR(alpha=0.3) and law.state() == CVaR(alpha=0.3).state()
+
+
+# ---------------------------------------------------------------- linear-domain weights
+
+LINEAR_LAWS: dict[str, Law] = {
+    "cvar": CVaR(alpha=0.1),
+    "cvar-boundary": CVaR(alpha=0.33),
+    "chi2-radius": ChiSquare(radius=1.0),
+    "chi2-penalty": ChiSquare(penalty=0.1),
+    "chi2-uniform": ChiSquare(radius=0.0),  # lambda = inf
+    "chi2-slack": ChiSquare(radius=1e6),  # lambda = 0: uniform on the maxima
+}
+
+
+def _log_domain_weights(law: Law, sampler: HardnessWeightedSampler, batch: DrawnBatch,
+                        losses: np.ndarray) -> np.ndarray:  # fmt: skip
+    """The general formula: self-normalised exp(log q~(l) − log p_drawn), in the log domain."""
+    log_ratio = law.log_target(losses, sampler.table.fit) - batch.log_probs
+    return _self_normalised(log_ratio)
+
+
+@pytest.mark.parametrize("importance", [False, True])
+@pytest.mark.parametrize("name", list(LINEAR_LAWS))
+def test_linear_domain_weights_equal_the_log_domain_formula(name: str, importance: bool) -> None:
+    law = LINEAR_LAWS[name]
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        n = 500
+        table = rng.gamma(2.0, 0.5, size=n) + 100.0 * seed  # also far from 0
+        table[: n // 10] = table[n // 10]  # ties, at the CVaR boundary for some seeds
+        sampler = HardnessWeightedSampler(
+            n, 64, law=law, init_loss=table, seed=seed, importance_weights=importance
+        )
+        stream = iter(sampler)
+        for _ in range(5):
+            batch = next(stream)
+            fresh = table[batch.indices] + rng.normal(0.0, 0.5, size=batch.indices.size)
+            target = fresh if importance else sampler.losses.numpy()[batch.indices]
+            expected = _log_domain_weights(law, sampler, batch, target)
+            fast = sampler.table._linear_weights(
+                target, batch.log_probs, float(batch.log_probs.min())
+            )
+            if fast is None:  # the one fallback here: every draw outside the support
+                assert not expected.any()
+            else:
+                np.testing.assert_allclose(fast, expected, rtol=1e-12, atol=1e-15)
+            weights = sampler.update(batch, torch.from_numpy(fresh))
+            np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", list(LINEAR_LAWS))
+def test_linear_target_is_exp_of_log_target(name: str) -> None:
+    # One formula per law: log_target is the log of linear_target, on any losses.
+    law = LINEAR_LAWS[name]
+    rng = np.random.default_rng(3)
+    table = rng.random(200)
+    fit = law.fit(table)
+    probe = np.concatenate([table, rng.random(100) * 2.0 - 0.5])
+    linear = law.linear_target(probe, fit)
+    assert linear is not None
+    with np.errstate(divide="ignore"):
+        np.testing.assert_array_equal(np.log(linear), law.log_target(probe, fit))
+
+
+def test_kl_keeps_the_log_domain() -> None:
+    # exp(beta L) can overflow: KL has no linear form and its weights keep the log path.
+    law = KL(beta=2.0, exploration=0.1)
+    assert law.linear_target(np.ones(3), law.fit(np.ones(3))) is None
+    sampler = HardnessWeightedSampler(100, 8, law=law, init_loss=np.linspace(0, 1, 100), seed=0)
+    batch = next(iter(sampler))
+    target = sampler.losses.numpy()[batch.indices]
+    weights = sampler.update(batch, torch.zeros(8, dtype=torch.float64))
+    assert torch.equal(weights, torch.from_numpy(_log_domain_weights(law, sampler, batch, target)))
+
+
+def test_linear_domain_at_extreme_scales_equals_the_log_domain() -> None:
+    # Drawn log-probabilities 800 apart (exp(-drawn) alone would overflow), and losses near
+    # 1e-300 (the linear sum too small to divide by: the log domain takes over).
+    law = ChiSquare(radius=1.0)
+    for scale, drawn, linear in ((1.0, [-800.0, -1.0, -2.0], True), (1e-300, [-3.0] * 3, False)):
+        table = np.linspace(0.0, 1.0, 50) * scale
+        sampler = HardnessWeightedSampler(50, 3, law=law, init_loss=table, seed=0)
+        next(iter(sampler))
+        indices, log_probs = np.array([49, 48, 47]), np.array(drawn)
+        stale = table[indices]
+        fast = sampler.table._linear_weights(stale, log_probs, log_probs.min())
+        assert (fast is not None) == linear
+        got = sampler.weights(indices, torch.zeros(3, dtype=torch.float64), log_probs)
+        log_ratio = law.log_target(stale, sampler.table.fit) - log_probs
+        np.testing.assert_allclose(got.numpy(), _self_normalised(log_ratio), rtol=1e-12)

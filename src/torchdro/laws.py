@@ -161,6 +161,21 @@ class Law(ABC):
             a new array of shape (M,); -inf where q has no mass.
         """
 
+    def linear_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray | None:
+        """q~(l) = exp(``log_target``) elementwise, where the law computes it directly in the
+        linear domain (CVaR, chi-square: bounded by the loss scale, never overflowing); None
+        for laws that have no such form (KL: exp(beta * L) overflows), whose callers use
+        ``log_target``.
+
+        Args:
+            losses: shape (M,), finite, in loss units.
+            fit: a fit of this law.
+
+        Returns:
+            a new array of shape (M,), >= 0 (0 where q has no mass), or None.
+        """
+        return None
+
     @abstractmethod
     def _value(self, table: np.ndarray, q: np.ndarray, fit: LawFit) -> float:
         """The DRO value at the maximiser q of this table."""
@@ -341,14 +356,24 @@ class CVaR(Law):
         boundary = (1.0 - above * cap) / ties
         return LawFit((eta, cap, boundary), math.log(above * cap + ties * boundary))
 
-    def log_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
-        # The three levels are computed once per fit, like the leaf logits' below.
-        kept = self.__dict__.get("_target_levels")
+    def _target_levels(self, fit: LawFit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(edges, linear levels, log levels) of q~: 0 / boundary / cap below, at and above
+        eta, and their logs; computed once per fit, like the leaf logits' below."""
+        kept = self.__dict__.get("_kept_target")
         if kept is None or kept[0] is not fit:
             eta, cap, boundary = self._check_fit(fit, 3)
-            arrays = _level_arrays(eta, -math.inf, math.log(boundary), math.log(cap))
-            kept = self.__dict__["_target_levels"] = (fit, *arrays)
-        return _levels_at(losses, kept[1], kept[2])
+            edges, linear = _level_arrays(eta, 0.0, boundary, cap)
+            logs = np.array([-math.inf, math.log(boundary), math.log(cap)])
+            kept = self.__dict__["_kept_target"] = (fit, edges, linear, logs)
+        return kept[1], kept[2], kept[3]
+
+    def log_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
+        edges, _, logs = self._target_levels(fit)
+        return _levels_at(losses, edges, logs)
+
+    def linear_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
+        edges, linear, _ = self._target_levels(fit)
+        return _levels_at(losses, edges, linear)
 
     def leaf_logits(self, losses: np.ndarray, fit: LawFit, num_samples: int) -> np.ndarray:
         # Same values as Law.leaf_logits; the law takes three values, computed as scalars
@@ -466,28 +491,31 @@ class ChiSquare(Law):
         return lam, mu - lam * n / k
 
     def log_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
+        target = self.linear_target(losses, fit)
+        with np.errstate(divide="ignore"):  # log 0 = -inf: no mass below eta
+            logs: np.ndarray = np.log(target, out=target)
+        return logs
+
+    def linear_target(self, losses: np.ndarray, fit: LawFit) -> np.ndarray:
+        # (L − eta)_+ with eta taken relative to the table's maximum (``fit.params``).
         shift, eta, lam = self._check_fit(fit, 3)
-        values = np.asarray(losses, dtype=np.float64)
         if lam == math.inf:
-            return np.zeros(values.shape)
+            return np.ones(np.shape(losses))
+        excess: np.ndarray = np.subtract(losses, shift, dtype=np.float64)
         if lam == 0.0:
-            return _three_levels(values - shift, eta, -math.inf, 0.0, 0.0)
-        excess = values - shift
+            return _three_levels(excess, eta, 0.0, 1.0, 1.0)
         excess -= eta
         np.maximum(excess, 0.0, out=excess)
-        with np.errstate(divide="ignore"):  # log 0 = -inf: no mass below eta
-            return np.log(excess, out=excess)
+        return excess
 
     def leaf_logits(self, losses: np.ndarray, fit: LawFit, num_samples: int) -> np.ndarray:
         # Same values as Law.leaf_logits, in the linear domain with in-place operations
         # (q <= 1, so nothing overflows): log((1 − eps) (L − eta)_+ / Z + eps / N).
-        shift, eta, lam = self._check_fit(fit, 3)
+        _, _, lam = self._check_fit(fit, 3)
         eps = self.exploration
         if eps == 0.0 or lam in (0.0, math.inf) or abs(fit.log_norm) > 700.0:
             return super().leaf_logits(losses, fit, num_samples)
-        out = np.subtract(losses, shift, dtype=np.float64)
-        out -= eta
-        np.maximum(out, 0.0, out=out)
+        out = self.linear_target(losses, fit)
         out *= (1.0 - eps) * math.exp(-fit.log_norm)
         out += eps / num_samples
         logits: np.ndarray = np.log(out, out=out)
