@@ -82,6 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append({"law": name, "step_s": median, "ratio_to_kl": median / kl,
                      "refit_s": refits[name]})  # fmt: skip
         print(f"{name:32s} {median * 1e6:10.1f} {median / kl:7.2f} {refits[name] * 1e3:11.1f}")
+    # Issue 15's target: every other law's step within 10 % of KL's (refit excluded).
+    others = [r for r in rows if not str(r["law"]).startswith("KL")]
+    worst = max(others, key=lambda r: r["ratio_to_kl"])
+    verdict = "PASS" if worst["ratio_to_kl"] <= 1.10 else "FAIL"
+    print(
+        f"every other law's step within 10 % of KL's: worst {worst['law']} "
+        f"{worst['ratio_to_kl']:.2f} [target <= 1.10: {verdict}]"
+    )
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
