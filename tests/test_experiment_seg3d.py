@@ -108,6 +108,17 @@ def test_only_the_oracle_reads_the_subgroups() -> None:
     )
 
 
+def test_traces_have_a_point_per_epoch_the_last_included() -> None:
+    data = seg3d.make_dataset({"normal": 6, "anatomical": 1, "contrast": 1}, 16, seed=0)
+    config = seg3d.Config(steps=6, size=16, augment=False)  # 8 cases, batch 4: 3 epochs
+    _, trace = seg3d.train("kl", data, config, seed=0)
+    assert {len(v) for v in trace.values()} == {3}
+    for epoch in range(3):  # the subgroup masses are a partition of the law
+        total = sum(trace[f"mass_{g}"][epoch] for g in seg3d.GROUPS)
+        assert total == pytest.approx(1.0)
+    assert seg3d.train("erm", data, config, seed=0)[1] == {}
+
+
 def test_a_run_is_reproducible_from_its_seeds() -> None:
     config = seg3d.Config(
         datasets=1, steps=3, size=16, train_normal=6, train_anatomical=1, train_contrast=1,

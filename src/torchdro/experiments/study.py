@@ -294,6 +294,7 @@ CASE_STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mean": lambda v: v.mean(axis=-1),
     "p10": lambda v: sorted_quantile(v, 0.10),
     "iqr": lambda v: sorted_quantile(v, 0.75) - sorted_quantile(v, 0.25),
+    "worst": lambda v: v[..., 0],
 }
 
 
