@@ -574,11 +574,6 @@ def case_scores(records: Sequence[RunRecord], group: str, cell: str) -> dict[str
     return out
 
 
-def per_dataset(scores: np.ndarray, statistic: str) -> np.ndarray:
-    """The statistic of each data set's cases, shape (K,)."""
-    return study.CASE_STATISTICS[statistic](np.sort(scores, axis=-1))
-
-
 @dataclass
 class Analysis:
     """Everything the report states, computed from the run records alone."""
@@ -588,8 +583,7 @@ class Analysis:
     secondary: list[Comparison]
     descriptive: list[Comparison]
     values: dict[str, dict[str, float]]  # method -> "group cell statistic" -> mean over data sets
-    observed_sd: float  # SD over data sets of the primary p10 difference
-    detectable: float  # the p10 difference detectable with 80 % power at that SD
+    detectable: float  # the p10 difference detectable with 80 % power at its observed SD
 
 
 def analyse(config: Config, records: Sequence[RunRecord], bar: bool = True) -> Analysis:
@@ -609,11 +603,13 @@ def analyse(config: Config, records: Sequence[RunRecord], bar: bool = True) -> A
             resamples=config.resamples,
             seed=config.bootstrap_seed,
         )
-        for (method, statistic), reps in draws.items():
-            replicates[(method, group, cell, statistic)] = reps
-            per = per_dataset(scores[method], statistic)
-            points[(method, group, cell, statistic)] = per
-            values[method][f"{group} {cell} {statistic}"] = float(per.mean())
+        for method, per_case in scores.items():
+            ordered = np.sort(per_case, axis=-1)  # each data set's cases, as the reducers take
+            for statistic, reduce in study.CASE_STATISTICS.items():
+                key = (method, group, cell, statistic)
+                replicates[key] = draws[(method, statistic)]
+                points[key] = reduce(ordered)  # one value per data set, shape (K,)
+                values[method][f"{group} {cell} {statistic}"] = float(points[key].mean())
 
     def compare(endpoint: Endpoint, family: int, decide: bool = True) -> Comparison:
         key = (endpoint.group, endpoint.cell, endpoint.statistic)
@@ -629,7 +625,8 @@ def analyse(config: Config, records: Sequence[RunRecord], bar: bool = True) -> A
         )
 
     primary = [compare(e, 1) for e in primary_endpoints()] if PRIMARY in methods else []
-    secondary = [compare(e, config.family_size) for e in secondary_endpoints(methods)]
+    family = secondary_endpoints(methods)
+    secondary = [compare(e, len(family)) for e in family]
     study.holm_adjust(secondary)
     described = [compare(e, 1, decide=False) for e in descriptive]
     decision = None
@@ -643,7 +640,6 @@ def analyse(config: Config, records: Sequence[RunRecord], bar: bool = True) -> A
         secondary=secondary,
         descriptive=described,
         values=values,
-        observed_sd=observed,
         detectable=detectable_difference(observed, len(datasets)),
     )
 
@@ -906,8 +902,8 @@ def report(config: Config, records: Sequence[RunRecord], analysis: Analysis) -> 
         "and chi-square, 0 for KL).",
         f"- Co-primary ({PRIMARY} − ERM): the anatomical variant's foreground p10 Dice "
         f"(superiority) and the normal cases' foreground mean (non-inferiority, margin "
-        f"{NONINFERIORITY}), both 95 % intervals. Secondary: {config.family_size} comparisons, "
-        "Holm p-values, Bonferroni-adjusted intervals. Verdict margin δ = "
+        f"{NONINFERIORITY}), both 95 % intervals. Secondary: {len(analysis.secondary)} "
+        "comparisons, Holm p-values, Bonferroni-adjusted intervals. Verdict margin δ = "
         f"{DELTA} Dice; ties (|Δ| < {TIE}) per data set are counted as ties.",
         f"- Intervals: hierarchical bootstrap, {config.resamples} resamples (data sets, then "
         f"test cases per subgroup, the same draws for every method), seed "
