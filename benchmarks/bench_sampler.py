@@ -186,6 +186,7 @@ def torchdro_step(n: int, batch: int, init: np.ndarray, losses: list[torch.Tenso
         sampler.update(next(batches), losses[k % len(losses)])
 
     step.nbytes = sampler.nbytes  # type: ignore[attr-defined]
+    step.sampler = sampler  # type: ignore[attr-defined]
     return step
 
 

@@ -1,0 +1,245 @@
+"""Probe for issue 13: what a compiled kernel for the tree would buy, measured, not adopted.
+
+torchdro's tree is pure numpy, and at small batches its cost is numpy's per-call overhead
+(about ten calls per level). This probe writes the tree's draw and write as numba kernels
+over ``LogSumTree``'s own arrays, checks that they give the same draws and the same bits as
+``LogSumTree`` (so the figures are for the same algorithm), then times the public step
+three ways, interleaved in one process as ``bench_sampler`` does: torchdro as shipped,
+torchdro with the kernels swapped into its table, and torchrl.
+
+The kernels are deliberately plain (one loop per level, no tuning): they measure what the
+call overhead costs, not the best a kernel could do. Not part of the library, not in any
+extra: numba and llvmlite are about 64 MB of wheels and 208 MB installed (torch's CPU build
+is about 750 MB), and numba caps numpy below the next minor version. Run it in the bench
+venv after ``pip install numba``::
+
+    python -m benchmarks.probe_kernel
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from numba import njit  # type: ignore[import-not-found,unused-ignore]
+from tqdm import tqdm
+
+from benchmarks.bench_sampler import (
+    LOSS_POOL,
+    SEED,
+    WARMUP,
+    _fmt_n,
+    _timed,
+    load_torchrl,
+    torchdro_step,
+    torchrl_step,
+)
+from torchdro.tree import _BELOW_ONE, LogSumTree
+
+SIZES = (10**3, 10**4, 10**5, 10**6, 10**7)
+BATCHES = (32, 256, 4096)
+REPEATS = 200
+CHECK_ROUNDS = 20
+
+
+@njit(cache=True)  # type: ignore[misc,unused-ignore]
+def _row_sums(row: Any, shift: float, out: Any) -> float:
+    # exp(row - shift) summed left to right, as numpy's accumulate does: the same bits.
+    acc = 0.0
+    for j in range(row.size):
+        acc += math.exp(row[j] - shift)
+        out[j] = acc
+    return acc
+
+
+@njit(cache=True)  # type: ignore[misc,unused-ignore]
+def _sample(
+    top: Any,
+    cums: Any,
+    cum_offsets: Any,
+    fanout: int,
+    leaves: Any,
+    parents: Any,
+    uniforms: Any,
+    out: Any,
+) -> float:
+    """LogSumTree.sample: the top searched, then each level descended for every draw."""
+    peak = -np.inf
+    for value in top:
+        peak = max(peak, value)
+    top_cum = np.empty(top.size)
+    total = 0.0
+    for i in range(top.size):
+        total += math.exp(top[i] - peak)
+        top_cum[i] = total
+    draws = uniforms.shape[1]
+    for b in range(draws):
+        key = uniforms[0, b] * _BELOW_ONE * total
+        lo, hi = 0, top.size
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if top_cum[mid] <= key:
+                lo = mid + 1
+            else:
+                hi = mid
+        out[b] = lo
+    for level in range(cum_offsets.size - 1):
+        for b in range(draws):
+            base = cum_offsets[level] + out[b] * fanout
+            threshold = uniforms[1 + level, b] * _BELOW_ONE * cums[base + fanout - 1]
+            j = 0
+            while cums[base + j] <= threshold:
+                j += 1
+            out[b] = out[b] * fanout + j
+    if uniforms.shape[0] > 1:
+        row = np.empty(fanout)
+        for b in range(draws):
+            node = out[b]
+            mass = _row_sums(leaves[node * fanout : (node + 1) * fanout], parents[node], row)
+            threshold = uniforms[-1, b] * _BELOW_ONE * mass
+            j = 0
+            while row[j] <= threshold:
+                j += 1
+            out[b] = node * fanout + j
+    return peak + math.log(total)
+
+
+@njit(cache=True)  # type: ignore[misc,unused-ignore]
+def _set(
+    levels: Any, level_offsets: Any, cums: Any, cum_offsets: Any, fanout: int, indices: Any
+) -> None:
+    """LogSumTree.set's ancestors, for sorted distinct leaf indices already written: each
+    row above them recomputed once, level by level."""
+    depth = level_offsets.size - 2
+    kept = cum_offsets.size - 1
+    row_sums = np.empty(fanout)
+    nodes = indices.copy()
+    count = nodes.size
+    for level in range(depth - 1, -1, -1):
+        last, kept_rows = -1, 0
+        for b in range(count):
+            row = nodes[b] // fanout
+            if row == last:
+                continue
+            last = row
+            nodes[kept_rows] = row
+            kept_rows += 1
+            start = level_offsets[level + 1] + row * fanout
+            children = levels[start : start + fanout]
+            peak = -np.inf
+            for value in children:
+                peak = max(peak, value)
+            mass = _row_sums(children, peak, row_sums)
+            levels[level_offsets[level] + row] = math.log(mass) + peak
+            if level < kept:
+                first = cum_offsets[level] + row * fanout
+                cums[first : first + fanout] = row_sums
+        count = kept_rows
+
+
+class KernelTree:
+    """``LogSumTree``'s arrays laid end to end, drawn and written by the kernels. Offers the
+    part of ``LogSumTree``'s interface that a table's draw and update use."""
+
+    def __init__(self, tree: LogSumTree) -> None:
+        self.fanout, self.size, self.depth = tree.fanout, tree.size, tree.depth
+        self.level_offsets = np.cumsum([0] + [level.size for level in tree.levels])
+        self.levels = np.concatenate(tree.levels)
+        self.cum_offsets = np.cumsum([0] + [cum.size for cum in tree.cums])
+        self.cums = np.concatenate([cum.ravel() for cum in tree.cums] or [np.zeros(1)])
+        offsets = self.level_offsets
+        self.top = self.levels[offsets[0] : offsets[1]]
+        self.leaves = self.levels[offsets[-2] : offsets[-1]]
+        self.parents = self.levels[offsets[-3] : offsets[-2]] if self.depth else self.top
+        self.nbytes = self.levels.nbytes + self.cums.nbytes
+
+    def sample(self, uniforms: np.ndarray) -> tuple[np.ndarray, float]:
+        out = np.empty(uniforms.shape[1], dtype=np.int64)
+        args = (self.top, self.cums, self.cum_offsets, self.fanout, self.leaves, self.parents)
+        return out, float(_sample(*args, uniforms, out))
+
+    def set(self, indices: np.ndarray, logits: np.ndarray) -> None:
+        self.leaves[indices] = logits
+        _set(self.levels, self.level_offsets, self.cums, self.cum_offsets, self.fanout,
+             np.sort(indices))  # fmt: skip
+
+    def leaf_logits(self, indices: np.ndarray) -> np.ndarray:
+        return self.leaves.take(indices)
+
+
+def check_same_algorithm(n: int, rng: np.random.Generator) -> None:
+    """Same uniforms, same draws; same writes, same bits in every array. Raises if not."""
+    logits = rng.random(n)
+    reference, kernel = LogSumTree(logits), KernelTree(LogSumTree(logits))
+    for _ in range(CHECK_ROUNDS):
+        uniforms = rng.random((reference.depth + 1, 256))
+        drawn, log_total = reference.sample(uniforms)
+        got, got_total = kernel.sample(uniforms)
+        if not (np.array_equal(drawn, got) and log_total == got_total):
+            raise AssertionError(f"N={n}: the kernel drew differently from LogSumTree")
+        written = rng.permutation(np.unique(drawn))  # the table writes in any order
+        values = rng.random(written.size) * 5
+        reference.set(written, values)
+        kernel.set(written, values)
+    cums = np.concatenate([cum.ravel() for cum in reference.cums] or [np.zeros(1)])
+    if not (np.array_equal(np.concatenate(reference.levels), kernel.levels)
+            and np.array_equal(cums, kernel.cums)):  # fmt: skip
+        raise AssertionError(f"N={n}: the kernel's tree differs from LogSumTree's")
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    torchrl, why_not = load_torchrl()
+    if torchrl is None:
+        print(f"torchrl is not usable here ({why_not})", file=sys.stderr)
+    rng = np.random.default_rng(SEED)
+    for n in SIZES:
+        check_same_algorithm(n, rng)
+    print("kernel checked: same draws and same bits as LogSumTree at every N")
+    header = f"{'N':>5} {'B':>5}  {'numpy µs':>9} {'kernel µs':>9} {'torchrl µs':>10}"
+    print(f"{header}  {'numpy/rl':>8} {'kernel/rl':>9} {'numpy/kernel':>12}")
+    with tqdm(total=len(SIZES) * len(BATCHES), desc="configs", file=sys.stderr) as bar:
+        for n in SIZES:
+            init = np.random.default_rng(SEED).random(n)
+            for batch in BATCHES:
+                torch.manual_seed(SEED)
+                losses = [torch.rand(batch) for _ in range(LOSS_POOL)]
+                steps = {
+                    "numpy": torchdro_step(n, batch, init, losses),
+                    "kernel": _with_kernel(torchdro_step(n, batch, init, losses)),
+                }
+                if torchrl is not None:
+                    double = [loss.double() for loss in losses]
+                    steps["torchrl"] = torchrl_step(torchrl, n, batch, init, double)
+                names = list(steps)
+                samples: dict[str, list[float]] = {name: [] for name in names}
+                for k in range(WARMUP + REPEATS):
+                    for name in names if k % 2 == 0 else names[::-1]:
+                        elapsed = _timed(steps[name], k)
+                        if k >= WARMUP:
+                            samples[name].append(elapsed * 1e6)
+                med = {name: statistics.median(times) for name, times in samples.items()}
+                rl = med.get("torchrl", math.nan)
+                print(
+                    f"{_fmt_n(n):>5} {batch:>5}  {med['numpy']:9.1f} {med['kernel']:9.1f} "
+                    f"{rl:10.1f}  {med['numpy'] / rl:8.2f} {med['kernel'] / rl:9.2f} "
+                    f"{med['numpy'] / med['kernel']:12.2f}",
+                    flush=True,
+                )
+                bar.update()
+    return 0
+
+
+def _with_kernel(step: Any) -> Any:
+    """The same public step, with the sampler's tree replaced by the kernels."""
+    table = step.sampler.table
+    table._tree = KernelTree(table._tree)
+    return step
+
+
+if __name__ == "__main__":
+    sys.exit(main())
