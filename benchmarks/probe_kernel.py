@@ -9,9 +9,11 @@ torchdro with the kernels swapped into its table, and torchrl.
 
 The kernels are deliberately plain (one loop per level, no tuning): they measure what the
 call overhead costs, not the best a kernel could do. Not part of the library, not in any
-extra: numba and llvmlite are about 64 MB of wheels and 208 MB installed (torch's CPU build
-is about 750 MB), and numba caps numpy below the next minor version. Run it in the bench
-venv after ``pip install numba``::
+extra: numba 0.68.1 and llvmlite 0.50.0 are about 64 MB of wheels and 208 MB installed
+(torch's CPU build is about 750 MB), and numba 0.68 caps numpy below 2.6. The bit-for-bit
+check assumes numpy's ``exp`` and ``log`` are libm's scalar ones, as on an AVX2 machine; where
+numpy uses its own AVX-512 versions it may stop the probe. Run it in the bench venv after
+``pip install numba``::
 
     python -m benchmarks.probe_kernel
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -43,7 +46,9 @@ from torchdro.tree import _BELOW_ONE, LogSumTree
 SIZES = (10**3, 10**4, 10**5, 10**6, 10**7)
 BATCHES = (32, 256, 4096)
 REPEATS = 200
-CHECK_ROUNDS = 20
+CHECK_ROUNDS = 5
+# Depths 0 to 5 of the tree: 5e3 has a single level below the top.
+CHECK_SIZES = (10**3, 5 * 10**3, 10**4, 10**5, 10**6, 10**7)
 
 
 @njit(cache=True)  # type: ignore[misc,unused-ignore]
@@ -171,24 +176,70 @@ class KernelTree:
         return self.leaves.take(indices)
 
 
-def check_same_algorithm(n: int, rng: np.random.Generator) -> None:
-    """Same uniforms, same draws; same writes, same bits in every array. Raises if not."""
+def check_same_algorithm(n: int, batch: int, rng: np.random.Generator) -> None:
+    """Same uniforms, same draws; same writes (in any order), same bits in every array of the
+    tree after each round. Raises if not."""
     logits = rng.random(n)
     reference, kernel = LogSumTree(logits), KernelTree(LogSumTree(logits))
     for _ in range(CHECK_ROUNDS):
-        uniforms = rng.random((reference.depth + 1, 256))
+        uniforms = rng.random((reference.depth + 1, batch))
         drawn, log_total = reference.sample(uniforms)
         got, got_total = kernel.sample(uniforms)
         if not (np.array_equal(drawn, got) and log_total == got_total):
-            raise AssertionError(f"N={n}: the kernel drew differently from LogSumTree")
+            raise AssertionError(f"N={n}, B={batch}: the kernel drew differently")
         written = rng.permutation(np.unique(drawn))  # the table writes in any order
         values = rng.random(written.size) * 5
         reference.set(written, values)
         kernel.set(written, values)
-    cums = np.concatenate([cum.ravel() for cum in reference.cums] or [np.zeros(1)])
-    if not (np.array_equal(np.concatenate(reference.levels), kernel.levels)
-            and np.array_equal(cums, kernel.cums)):  # fmt: skip
-        raise AssertionError(f"N={n}: the kernel's tree differs from LogSumTree's")
+        cums = np.concatenate([cum.ravel() for cum in reference.cums] or [np.zeros(1)])
+        if not (np.array_equal(np.concatenate(reference.levels), kernel.levels)
+                and np.array_equal(cums, kernel.cums)):  # fmt: skip
+            raise AssertionError(f"N={n}, B={batch}: the kernel's tree differs")
+
+
+def _medians(steps: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Each step timed interleaved in alternating order, as bench_sampler does: µs medians."""
+    names = list(steps)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(WARMUP + repeats):
+        for name in names if k % 2 == 0 else names[::-1]:
+            elapsed = _timed(steps[name], k)
+            if k >= WARMUP:
+                samples[name].append(elapsed * 1e6)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+class _TimedTree:
+    """A tree whose draws and writes are timed where the sampler makes them."""
+
+    def __init__(self, tree: Any) -> None:
+        self.tree, self.depth, self.seconds = tree, tree.depth, 0.0
+
+    def sample(self, uniforms: np.ndarray) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        drawn = self.tree.sample(uniforms)
+        self.seconds += time.perf_counter() - start
+        return drawn  # type: ignore[no-any-return]
+
+    def set(self, indices: np.ndarray, logits: np.ndarray) -> None:
+        start = time.perf_counter()
+        self.tree.set(indices, logits)
+        self.seconds += time.perf_counter() - start
+
+    def leaf_logits(self, indices: np.ndarray) -> np.ndarray:
+        return self.tree.leaf_logits(indices)  # type: ignore[no-any-return]
+
+
+def dispatch_us() -> float:
+    """What one call of a kernel costs when it has nothing to do (6 arguments): µs."""
+    tree = KernelTree(LogSumTree(np.zeros(10**4)))
+    args = (tree.levels, tree.level_offsets, tree.cums, tree.cum_offsets, tree.fanout)
+    empty = np.zeros(0, dtype=np.int64)
+    _set(*args, empty)
+    start = time.perf_counter()
+    for _ in range(10_000):
+        _set(*args, empty)
+    return (time.perf_counter() - start) / 10_000 * 1e6
 
 
 def main() -> int:
@@ -197,11 +248,25 @@ def main() -> int:
     if torchrl is None:
         print(f"torchrl is not usable here ({why_not})", file=sys.stderr)
     rng = np.random.default_rng(SEED)
-    for n in SIZES:
-        check_same_algorithm(n, rng)
-    print("kernel checked: same draws and same bits as LogSumTree at every N")
-    header = f"{'N':>5} {'B':>5}  {'numpy µs':>9} {'kernel µs':>9} {'torchrl µs':>10}"
+    start = time.perf_counter()
+    check_same_algorithm(10**4, 32, rng)
+    print(
+        f"first kernel calls (compiling, or loading numba's cache): "
+        f"{time.perf_counter() - start:.2f} s"
+    )
+    for n in CHECK_SIZES:
+        for batch in BATCHES:
+            check_same_algorithm(n, batch, rng)
+    print(
+        f"kernel checked: same draws and same bits as LogSumTree at N in "
+        f"{{{', '.join(map(_fmt_n, CHECK_SIZES))}}} and B in {set(BATCHES)}"
+    )
+    print(f"one kernel call with nothing to do: {dispatch_us():.2f} µs")
+    print()
+    print("Public step, interleaved with torchrl (medians, µs):")
+    header = f"{'N':>5} {'B':>5}  {'numpy':>8} {'kernel':>8} {'torchrl':>8}"
     print(f"{header}  {'numpy/rl':>8} {'kernel/rl':>9} {'numpy/kernel':>12}")
+    alone: list[str] = []
     with tqdm(total=len(SIZES) * len(BATCHES), desc="configs", file=sys.stderr) as bar:
         for n in SIZES:
             init = np.random.default_rng(SEED).random(n)
@@ -215,22 +280,41 @@ def main() -> int:
                 if torchrl is not None:
                     double = [loss.double() for loss in losses]
                     steps["torchrl"] = torchrl_step(torchrl, n, batch, init, double)
-                names = list(steps)
-                samples: dict[str, list[float]] = {name: [] for name in names}
-                for k in range(WARMUP + REPEATS):
-                    for name in names if k % 2 == 0 else names[::-1]:
-                        elapsed = _timed(steps[name], k)
-                        if k >= WARMUP:
-                            samples[name].append(elapsed * 1e6)
-                med = {name: statistics.median(times) for name, times in samples.items()}
+                med = _medians(steps, REPEATS)
+                del steps
                 rl = med.get("torchrl", math.nan)
                 print(
-                    f"{_fmt_n(n):>5} {batch:>5}  {med['numpy']:9.1f} {med['kernel']:9.1f} "
-                    f"{rl:10.1f}  {med['numpy'] / rl:8.2f} {med['kernel'] / rl:9.2f} "
+                    f"{_fmt_n(n):>5} {batch:>5}  {med['numpy']:8.1f} {med['kernel']:8.1f} "
+                    f"{rl:8.1f}  {med['numpy'] / rl:8.2f} {med['kernel'] / rl:9.2f} "
                     f"{med['numpy'] / med['kernel']:12.2f}",
                     flush=True,
                 )
+                # The same two steps with nothing else in the process, their trees timed
+                # inside the step.
+                alone_steps = {
+                    "numpy": torchdro_step(n, batch, init, losses),
+                    "kernel": _with_kernel(torchdro_step(n, batch, init, losses)),
+                }
+                timed = {}
+                for name, step in alone_steps.items():
+                    timed[name] = _TimedTree(step.sampler.table._tree)
+                    step.sampler.table._tree = timed[name]
+                total = WARMUP + REPEATS
+                sampler = _medians(alone_steps, REPEATS)
+                tree = {name: timed[name].seconds / total * 1e6 for name in timed}
+                alone.append(
+                    f"{_fmt_n(n):>5} {batch:>5}  {sampler['numpy']:8.1f} "
+                    f"{sampler['kernel']:8.1f}  {tree['numpy']:8.1f} {tree['kernel']:8.1f}"
+                )
                 bar.update()
+    print()
+    print("Without torchrl in the loop: the public step (medians, µs) and, inside it, the")
+    print("tree's draws and writes (means, µs):")
+    print(
+        f"{'N':>5} {'B':>5}  {'step':>8} {'':>8}  {'tree':>8} {'':>8}\n"
+        f"{'':>5} {'':>5}  {'numpy':>8} {'kernel':>8}  {'numpy':>8} {'kernel':>8}"
+    )
+    print("\n".join(alone))
     return 0
 
 
