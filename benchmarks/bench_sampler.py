@@ -271,6 +271,25 @@ def _timed(step: Step, k: int) -> float:
     return time.perf_counter() - start
 
 
+def interleaved_medians(
+    steps: dict[str, Step], repeats: int, fewer: dict[str, int] | None = None
+) -> dict[str, float]:
+    """Median µs per step of each of ``steps``, timed step by step in alternating order after
+    ``WARMUP`` untimed steps; a step named in ``fewer`` stops after that many timed steps."""
+    limits = {name: repeats for name in steps} | (fewer or {})
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for k in range(WARMUP + repeats):
+        # Alternate the order, so that neither library always runs with a warm cache.
+        for name in names if k % 2 == 0 else names[::-1]:
+            if k >= WARMUP + limits[name]:
+                continue
+            elapsed = _timed(steps[name], k)
+            if k >= WARMUP:
+                samples[name].append(elapsed)
+    return {name: statistics.median(times) * 1e6 for name, times in samples.items() if times}
+
+
 def run_config(
     n: int,
     batch: int,
@@ -295,17 +314,7 @@ def run_config(
         budgeted = int(NAIVE_BUDGET_S / per_step) if per_step > 0 else repeats
         naive_repeats = max(NAIVE_MIN_REPEATS, min(repeats, budgeted))
 
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for k in range(WARMUP + repeats):
-        # Alternate the order, so that neither library always runs with a warm cache.
-        for name in names if k % 2 == 0 else names[::-1]:
-            if name == "naive" and k >= WARMUP + naive_repeats:
-                continue
-            elapsed = _timed(steps[name], k)
-            if k >= WARMUP:
-                samples[name].append(elapsed)
-    median = {name: statistics.median(times) * 1e6 for name, times in samples.items() if times}
+    median = interleaved_medians(steps, repeats, {"naive": naive_repeats})
     torchrl_us = median.get("torchrl")
     result = ConfigResult(
         n=n,

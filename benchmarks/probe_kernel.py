@@ -23,7 +23,6 @@ numpy uses its own AVX-512 versions it may stop the probe. Run it in the bench v
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 import time
 from typing import Any
@@ -38,7 +37,7 @@ from benchmarks.bench_sampler import (
     SEED,
     WARMUP,
     _fmt_n,
-    _timed,
+    interleaved_medians,
     load_torchrl,
     torchdro_step,
     torchrl_step,
@@ -199,18 +198,6 @@ def check_same_algorithm(n: int, batch: int, rng: np.random.Generator) -> None:
             raise AssertionError(f"N={n}, B={batch}: the kernel's tree differs")
 
 
-def _medians(steps: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Each step timed interleaved in alternating order, as bench_sampler does: µs medians."""
-    names = list(steps)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for k in range(WARMUP + repeats):
-        for name in names if k % 2 == 0 else names[::-1]:
-            elapsed = _timed(steps[name], k)
-            if k >= WARMUP:
-                samples[name].append(elapsed * 1e6)
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
 class _TimedTree:
     """A tree whose draws and writes are timed where the sampler makes them."""
 
@@ -285,7 +272,7 @@ def main() -> int:
                     steps = {name: _with_kernel(step) if name == "kernel" else step}
                     if torchrl is not None:
                         steps["torchrl"] = torchrl_step(torchrl, n, batch, init, double)
-                    med = _medians(steps, REPEATS)
+                    med = interleaved_medians(steps, REPEATS)
                     del steps, step
                     pairs[name] = (med[name], med.get("torchrl", math.nan))
                 (dro, rl), (ker, rl_k) = pairs["numpy"], pairs["kernel"]
@@ -305,7 +292,7 @@ def main() -> int:
                     timed[name] = _TimedTree(step.sampler.table._tree)
                     step.sampler.table._tree = timed[name]
                 total = WARMUP + REPEATS
-                sampler = _medians(alone_steps, REPEATS)
+                sampler = interleaved_medians(alone_steps, REPEATS)
                 tree = {name: timed[name].seconds / total * 1e6 for name in timed}
                 alone.append(
                     f"{_fmt_n(n):>5} {batch:>5}  {sampler['numpy']:8.1f} "
